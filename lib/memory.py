@@ -18,8 +18,10 @@ def memory_by_kind(model: nn.Module, optimizer: torch.optim.Optimizer, pruner=No
     and total.
     """
     params = list({id(p): p for p in model.parameters()}.values())
+    # Every trainable weight has a gradient during a step (a mask update may have
+    # set them to None since, so they are counted from the weights).
     out: dict[str, int] = {"weights": sum(_nbytes(p) for p in params),
-                           "grads": sum(_nbytes(p.grad) for p in params if p.grad is not None)}
+                           "grads": sum(_nbytes(p) for p in params if p.requires_grad)}
     for state in optimizer.state.values():
         for key, value in state.items():
             if torch.is_tensor(value):
@@ -27,6 +29,7 @@ def memory_by_kind(model: nn.Module, optimizer: torch.optim.Optimizer, pruner=No
     out["masks"] = pruner.masks.state_bytes() if pruner is not None else 0
     out["scores"] = sum(_nbytes(t) for t in pruner.score_buffers) if pruner is not None else 0
     out["total"] = sum(out.values())
-    # Transient, not in the total: the score buffer a mask update holds while it selects.
+    # Transient, not in the total: score memory a mask update allocated beyond the spent
+    # gradients it writes scores into (0 when every pruned weight had one).
     out["mask_update_peak"] = pruner.peak_score_bytes if pruner is not None else 0
     return out

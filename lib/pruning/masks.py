@@ -123,14 +123,6 @@ class MaskSet:
     def any_pruned(self, i: int) -> bool:
         return bool(self.bits[i].any())
 
-    def segments(self) -> list[tuple[int, int]]:
-        """(offset, length) of each parameter in a flat buffer of all of them."""
-        out, offset = [], 0
-        for p in self.params:
-            out.append((offset, p.numel()))
-            offset += p.numel()
-        return out
-
     def count(self) -> int:
         """Pruned weights according to the bits (recounted, not cached)."""
         return sum(self.counts())

@@ -3,7 +3,8 @@
 The training loop calls `observe()` after each backward pass (methods that
 watch training record what they need), `after_backward()` (zero the gradients
 of pruned weights) and `after_step(step)` after each optimizer step (update
-the masks when the schedule says so). Only the method's score differs between
+the masks when the schedule says so; the scores of an update are written into
+the spent gradients, which are set to None, so it needs no score-sized buffer). Only the method's score differs between
 methods, so at every update every method prunes the same number of weights.
 """
 
@@ -134,56 +135,81 @@ class Pruner:
             self.masks.zero_pruned_grads()
 
     def after_step(self, step: int) -> MaskUpdate | None:
+        """Update the masks if the schedule says so. The optimizer has used the gradients."""
         if not self.schedule.is_update(step):
             return None
-        return self.update(step)
+        return self.update(step, gradients_spent=True)
 
     @torch.no_grad()
-    def update(self, step: int) -> MaskUpdate:
-        """Recompute masks so exactly target_count(schedule.target(step)) weights are pruned."""
+    def update(self, step: int, gradients_spent: bool = False) -> MaskUpdate:
+        """Recompute masks so exactly target_count(schedule.target(step)) weights are pruned.
+
+        With `gradients_spent` (the optimizer step that used them is done) the
+        scores are written into the parameters' gradients, which are then set
+        to None, instead of into a new score-sized buffer.
+        """
         sparsity = self.schedule.target(step)
         k = max(target_count(sparsity, self.numel), self.masks.pruned_count)  # never revive
         if k != self.masks.pruned_count:
-            self._select(k, ScoreContext(step=step, beta1=self.beta1))
+            self._select(k, ScoreContext(step=step, beta1=self.beta1), gradients_spent)
         record = MaskUpdate(step, sparsity, k, self.masks.pruned_count)
         self.updates.append(record)
         return record
 
-    def _select(self, k: int, ctx: ScoreContext) -> None:
+    def _select(self, k: int, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks = self.masks
-        segments = masks.segments()
-        buffer = torch.empty(self.numel, dtype=torch.float32, device=masks.params[0].device)
-        self.peak_score_bytes = max(self.peak_score_bytes, buffer.numel() * buffer.element_size())
-        for i, (p, (offset, length)) in enumerate(zip(masks.params, segments)):
-            out = buffer[offset:offset + length].view(p.shape)
+        keys, borrowed, allocated = [], [], 0
+        for i, p in enumerate(masks.params):
+            out = _spent_gradient(p) if gradients_spent else None
+            if out is None:
+                out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                allocated += out.numel() * out.element_size()
+            else:
+                borrowed.append(p)
             self.method.score(i, p.detach().float(), self.optimizer.state.get(p, {}), out, ctx)
-        # Non-negative floats already order like their int32 bit patterns.
-        keys = buffer.view(torch.int32) if self.method.nonnegative else floats_to_keys_(buffer)
-        for i, (offset, length) in enumerate(segments):  # pruned stay pruned: the lowest possible key
-            if not masks.any_pruned(i):
-                continue
-            seg = keys[offset:offset + length]
-            for start, n in chunks(length):
-                pruned = masks.pruned_chunk(i, start, n)
-                seg[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
+            flat = out.view(-1)
+            # Non-negative floats already order like their int32 bit patterns.
+            key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
+            if masks.any_pruned(i):  # pruned stay pruned: they get the lowest possible key
+                for start, n in chunks(key.numel()):
+                    pruned = masks.pruned_chunk(i, start, n)
+                    key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
+            keys.append(key)
+        self.peak_score_bytes = max(self.peak_score_bytes, allocated)
         if self.layer_adaptive:
-            counts = layer_adaptive_counts(k, [n for _, n in segments], masks.counts())
-            for i, ((offset, length), count) in enumerate(zip(segments, counts)):
-                seg = keys[offset:offset + length]
-                self._store(seg, count, [(0, length)], first=i)
+            counts = layer_adaptive_counts(k, [key.numel() for key in keys], masks.counts())
+            for i, (key, count) in enumerate(zip(keys, counts)):
+                self._store([key], count, first=i)
         else:
-            self._store(keys, k, segments, first=0)
-        del buffer, keys
+            self._store(keys, k, first=0)
+        del keys, out
+        for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
+            p.grad = None
         masks.pruned_count = k
         masks.zero_pruned_weights_and_states(self.optimizer)
 
-    def _store(self, keys: torch.Tensor, k: int, segments: list[tuple[int, int]], first: int) -> None:
+    def _store(self, keys: list[torch.Tensor], k: int, first: int) -> None:
         """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ..."""
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
         thr = kth_threshold(keys, k) if k else None
-        for j in range(len(segments)):
+        for j in range(len(keys)):
             self.masks.bits[first + j].zero_()
         if thr is not None:
-            for j, start, selected in iter_selection(keys, thr, segments, chunk=CHUNK):
+            for j, start, selected in iter_selection(keys, thr, chunk=CHUNK):
                 self.masks.bits[first + j][start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
+
+
+def _spent_gradient(p: nn.Parameter) -> torch.Tensor | None:
+    """p.grad, if it can hold p's float32 scores in place.
+
+    A mask update in after_step runs after the optimizer step, when the
+    gradient has been used and the next step's zero_grad would drop it: its
+    memory is free to hold the scores, so the update adds no score-sized
+    buffer. The pruner sets it to None afterwards.
+    """
+    g = p.grad
+    if (g is None or g.dtype != torch.float32 or g.layout != torch.strided or g.shape != p.shape
+            or not g.is_contiguous() or g.requires_grad):
+        return None
+    return g.detach()

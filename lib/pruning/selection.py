@@ -1,11 +1,12 @@
 """Exact global selection of the k lowest scores, without sorting or concatenating.
 
-Scores are float32 values in one flat buffer, written slice by slice by the
-pruner. Their bit patterns are turned in place into int32 keys whose integer
-order is the float order; a two-level radix histogram (top 16 bits, then low
-16 bits within the one bin that holds the k-th key) finds the exact k-th key.
-The k lowest are every key below that threshold plus the first `ties` keys
-equal to it in buffer order, so equal scores are broken by position: the
+Scores are float32 values in one tensor per parameter, written by the pruner
+(into the parameter's spent gradient where it can). Their bit patterns are
+turned in place into int32 keys whose integer order is the float order; a
+two-level radix histogram (top 16 bits, then low 16 bits within the one bin
+that holds the k-th key) finds the exact k-th key. The k lowest are every key
+below that threshold plus the first `ties` keys equal to it in order (tensor
+by tensor, then by position), so equal scores are broken by position: the
 same inputs always give the same selection, on every rank and every run.
 """
 
@@ -49,25 +50,25 @@ def _first_bin_reaching(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, below
 
 
-def kth_threshold(keys: torch.Tensor, k: int) -> Threshold:
-    """Exact threshold for the k lowest of the flat int32 `keys` (1 <= k <= numel)."""
-    n = keys.numel()
+def kth_threshold(keys: list[torch.Tensor], k: int) -> Threshold:
+    """Exact threshold for the k lowest of the flat int32 tensors `keys`, taken together (1 <= k <= total)."""
+    n = sum(t.numel() for t in keys)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of keys ({n})")
     if n <= _SMALL:
-        # Below this size a sort is cheaper than two 65,536-bin histograms.
-        ordered = torch.sort(keys).values
+        # Below this size a sort (of a small concatenation) is cheaper than two 65,536-bin histograms.
+        ordered = torch.sort(torch.cat(keys)).values
         key = int(ordered[k - 1])
         below = int(torch.searchsorted(ordered, key))
         equal = int(torch.searchsorted(ordered, key, right=True)) - below
         return Threshold(key=key, ties=k - below, equal=equal)
-    hist = torch.zeros(1 << 16, dtype=torch.int64, device=keys.device)
-    for chunk in keys.split(_CHUNK):
+    hist = torch.zeros(1 << 16, dtype=torch.int64, device=keys[0].device)
+    for chunk in _chunks(keys):
         hist += torch.bincount((chunk >> 16).add_(1 << 15), minlength=1 << 16)
     high, below = _first_bin_reaching(hist, k)
     high_signed = high - (1 << 15)
     hist.zero_()
-    for chunk in keys.split(_CHUNK):
+    for chunk in _chunks(keys):
         inside = chunk[(chunk >> 16) == high_signed]
         if inside.numel():
             hist += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=1 << 16)
@@ -75,18 +76,22 @@ def kth_threshold(keys: torch.Tensor, k: int) -> Threshold:
     return Threshold(key=(high_signed << 16) | low, ties=k - below - below_low, equal=int(hist[low]))
 
 
-def iter_selection(keys: torch.Tensor, thr: Threshold, segments: list[tuple[int, int]], chunk: int = _CHUNK):
-    """Yield (segment index, start, bool chunk): which keys of each segment are among the k lowest.
+def _chunks(keys: list[torch.Tensor]):
+    for t in keys:
+        yield from t.split(_CHUNK)
 
-    Chunks are `chunk` elements of one segment (the last one shorter), in
-    order, so ties are taken by position: the first `thr.ties` keys equal to
-    the threshold are selected.
+
+def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK):
+    """Yield (tensor index, start, bool chunk): which keys of each tensor are among the k lowest.
+
+    Chunks are `chunk` elements of one tensor (the last one shorter), tensors
+    in list order, so ties are taken by position: the first `thr.ties` keys
+    equal to the threshold are selected.
     """
     every_equal = thr.ties == thr.equal  # the usual case: no tie to break by position
     ties_left = 0 if every_equal else thr.ties
-    for index, (offset, length) in enumerate(segments):
-        seg = keys[offset:offset + length]
-        for start in range(0, length, chunk):
+    for index, seg in enumerate(keys):
+        for start in range(0, seg.numel(), chunk):
             piece = seg[start:start + chunk]
             selected = piece <= thr.key if every_equal else piece < thr.key
             if ties_left:
@@ -97,16 +102,16 @@ def iter_selection(keys: torch.Tensor, thr: Threshold, segments: list[tuple[int,
     assert ties_left == 0, "selection bug: ties not exhausted"
 
 
-def select_lowest(keys: torch.Tensor, k: int, out: list[torch.Tensor], segments: list[tuple[int, int]]) -> None:
-    """Write into the bool tensors `out` which of the k lowest keys fall in each segment.
+def select_lowest(keys: list[torch.Tensor], k: int, out: list[torch.Tensor]) -> None:
+    """Write into the bool tensors `out` which of the k lowest keys fall in each of `keys`.
 
-    `segments[i]` is the (offset, length) of `out[i]` within the flat `keys`.
-    Exactly k entries end up True across all of `out`.
+    `out[i]` has as many elements as the flat int32 tensor `keys[i]`. Exactly
+    k entries end up True across all of `out`.
     """
     if k == 0:
         for mask in out:
             mask.zero_()
         return
     thr = kth_threshold(keys, k)
-    for index, start, selected in iter_selection(keys, thr, segments):
+    for index, start, selected in iter_selection(keys, thr):
         out[index].view(-1)[start:start + selected.numel()] = selected

@@ -317,7 +317,40 @@ def test_memory_reports_score_bytes(method, variant, per_weight):
     mem = memory_by_kind(model, opt, pruner)
     assert mem["scores"] == per_weight * numel
     assert mem["masks"] == (5 * 7 + 7) // 8 + (7 * 3 + 7) // 8  # one bit per prunable weight, per tensor
-    assert mem["mask_update_peak"] == 4 * numel  # the transient buffer of a mask update
+    # Updates in after_step write the scores into the spent gradients: no extra buffer.
+    assert mem["mask_update_peak"] == 0
+    assert mem["grads"] == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_mask_update_writes_scores_into_spent_gradients_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    prunable = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
+    weights = [p for _, p in prunable]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+
+    def backward_and_step():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    schedule = Schedule("one-shot", start=1, end=1, final=0.5)
+    twin = Pruner(prunable, schedule, build_method("state", "bitter7"), opt)
+    backward_and_step()
+    grads = [p.grad.clone() for p in weights]
+    # Not after a step: the gradients may still be needed, so they are left alone and
+    # the scores get a buffer of their own.
+    twin.update(1)
+    assert all(torch.equal(p.grad, g) for p, g in zip(weights, grads))
+    assert twin.peak_score_bytes == 4 * sum(p.numel() for p in weights)
+    masks_from_own_buffer = [m.clone() for m in twin.masks.pruned]
+
+    twin.masks.clear()
+    assert twin.after_step(1) is not None  # the same update, scores written into the spent gradients
+    assert [torch.equal(a, b) for a, b in zip(twin.masks.pruned, masks_from_own_buffer)] == [True, True]
+    assert all(p.grad is None for p in weights)  # nothing can read the scores as gradients
+    assert model[0].bias.grad is not None  # parameters that are not pruned keep theirs
 
 
 def test_memory_counts_a_tied_prunable_weight_once():

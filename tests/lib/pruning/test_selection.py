@@ -29,13 +29,9 @@ def _run_select(flat: torch.Tensor, shapes: list[tuple[int, ...]], k: int) -> to
     # Fill with garbage so a mask that is not fully written shows up.
     for m in out:
         m.fill_(True)
-    segments, offset = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        segments.append((offset, n))
-        offset += n
-    assert offset == flat.numel()
-    select_lowest(_keys(flat), k, out, segments)
+    sizes = [math.prod(shape) for shape in shapes]
+    assert sum(sizes) == flat.numel()
+    select_lowest(list(_keys(flat).split(sizes)), k, out)
     for m, shape in zip(out, shapes):
         assert m.shape == torch.Size(shape) and m.dtype == torch.bool
     return torch.cat([m.reshape(-1) for m in out])
@@ -179,12 +175,12 @@ def test_select_lowest_across_chunk_boundary():
 def test_kth_threshold_rejects_out_of_range_k(k):
     keys = _keys(torch.arange(10, dtype=torch.float32))
     with pytest.raises(ValueError):
-        kth_threshold(keys, k)
+        kth_threshold([keys], k)
 
 
 def test_kth_threshold_is_the_kth_key_with_ties():
     flat = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 5.0])
-    keys = _keys(flat)
+    keys = list(_keys(flat).split([2, 4]))  # one threshold over several tensors
     thr = kth_threshold(keys, 3)
     assert thr.key == _keys(torch.tensor([2.0])).item()
     assert thr.ties == 2  # 1.0 below, then two of the three 2.0s
