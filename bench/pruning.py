@@ -32,13 +32,13 @@ pass/fail test: the numbers are compared as ratios within one run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import torch
 from torch import nn
 
+from bench.knobs import knob
 from lib.optim import OPTIMIZERS
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner, target_count
@@ -85,8 +85,8 @@ def _best(fn, repeats: int = REPEATS) -> float:
 
 
 def main() -> int:
-    scale = float(os.environ.get("BENCH_SCALE", "1"))
-    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    scale = knob("BENCH_SCALE", 1.0, minimum=0.02)  # below 0.02 the widths round to zero
+    threads = knob("BENCH_THREADS", 2, minimum=1)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(shape) * 0.02) for shape in layer_shapes(scale)]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.knobs import knob
 from gpt2.model import GPT, config_for
 from gpt2.train import build_task, token_files
 from lib.data.tokens import TokenBatches
@@ -38,9 +38,11 @@ from lib.kconfig import REPO_ROOT, read_config, settings_from_kconfig
 from lib.optim import build_optimizer
 from lib.train_loop import run
 
+DEMO = REPO_ROOT / "defconfigs" / "demo"
+
 
 def demo_settings(steps: int, threads: int, output_dir: Path):
-    kconf, _ = read_config(REPO_ROOT / "defconfigs" / "demo")
+    kconf, _ = read_config(DEMO)
     base = settings_from_kconfig(kconf)
     return dataclasses.replace(base, max_iters=steps, eval_interval=steps, log_interval=steps, threads=threads,
                                output_dir=str(output_dir), run_name="", lr_warmup_iters=10,
@@ -78,9 +80,11 @@ def bare_tokens_per_s(settings) -> float:
 
 
 def main() -> int:
-    steps = int(os.environ.get("BENCH_STEPS", "200"))
-    threads = int(os.environ.get("BENCH_THREADS", "2"))
-    rounds = int(os.environ.get("BENCH_ROUNDS", "2"))
+    threads = knob("BENCH_THREADS", 2, minimum=1)
+    rounds = knob("BENCH_ROUNDS", 2, minimum=1)
+    frequency = settings_from_kconfig(read_config(DEMO)[0]).schedule_frequency
+    # The pruned arm updates its masks every `frequency` steps from step 1 to the last.
+    steps = knob("BENCH_STEPS", 200, minimum=frequency + 1)
     torch.set_num_threads(threads)
     keep_freed_memory()  # as every kprune run does; the bare loop gets it too
     out = REPO_ROOT / "bench" / "out"

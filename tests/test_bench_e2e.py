@@ -1,0 +1,83 @@
+"""`make bench-pruning` and `make bench-train` run as a user runs them and print every key.
+
+Shrunk (BENCH_SCALE, BENCH_STEPS) so they take seconds; nothing here looks at
+a time: the figures themselves are compared in bench/README.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lib.kconfig import REPO_ROOT
+from lib.pruning.pruner import target_count
+
+pytestmark = pytest.mark.slow
+
+PRUNING_KEYS = {"params", "mask_update_s", "pruned_count_exact", "dense_step_s", "masked_step_s",
+                "step_overhead_ratio", "state_bytes_per_weight", "peak_extra_bytes_per_weight",
+                "peak_extra_bytes_per_weight_own_buffer", "threads", "torch"}
+TRAIN_KEYS = {"dense_tokens_per_s", "pruned_tokens_per_s", "bare_tokens_per_s", "pruning_overhead_ratio",
+              "framework_ratio", "peer_shape_dense_tokens_per_s", "peer_shape_pruned_tokens_per_s", "threads",
+              "torch"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project (bench/out is written inside it) using the real .venv and data."""
+    root = tmp_path_factory.mktemp("bench-project")
+    for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "defconfigs", "lib", "gpt2",
+                 "lenet5", "resnet", "scripts", "bench"]:
+        src = REPO_ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
+    os.symlink(REPO_ROOT / ".venv", root / ".venv")
+    os.symlink(REPO_ROOT / "data", root / "data")
+    return root
+
+
+def run_make(project: Path, target: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))} | env
+    return subprocess.run(["make", "--no-print-directory", "-s", target], cwd=project, capture_output=True,
+                          text=True, env=environ, timeout=600)
+
+
+def bench(project: Path, target: str, **env: str) -> dict:
+    result = run_make(project, target, **env)
+    assert result.returncode == 0, f"make {target} failed:\n{result.stdout}\n{result.stderr}"
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0])
+
+
+def test_bench_pruning_prints_every_key_and_prunes_exactly(project):
+    out = bench(project, "bench-pruning", BENCH_SCALE="0.05")
+    assert PRUNING_KEYS <= out.keys()
+    # 12 blocks of 4 layers of width 38 plus a 38 x 2512 output layer.
+    d, vocab = int(768 * 0.05), int(50257 * 0.05)
+    assert out["params"] == 12 * (3 * d * d + d * d + 4 * d * d + 4 * d * d) + vocab * d
+    assert out["pruned_count_exact"] is True
+    assert out["state_bytes_per_weight"] <= 0.126  # one bit per weight, padded per tensor
+    assert out["threads"] == 2
+    assert out["step_overhead_ratio"] == pytest.approx(out["masked_step_s"] / out["dense_step_s"], rel=0.05)
+    assert target_count(0.5, out["params"]) == round(0.5 * out["params"])
+
+
+def test_bench_train_prints_every_key(project):
+    out = bench(project, "bench-train", BENCH_STEPS="21", BENCH_ROUNDS="1")
+    assert TRAIN_KEYS <= out.keys()
+    assert all(out[k] > 0 for k in ("dense_tokens_per_s", "pruned_tokens_per_s", "bare_tokens_per_s"))
+    assert out["pruning_overhead_ratio"] == pytest.approx(out["dense_tokens_per_s"] / out["pruned_tokens_per_s"],
+                                                          rel=0.01)
+    assert out["framework_ratio"] == pytest.approx(out["dense_tokens_per_s"] / out["bare_tokens_per_s"], rel=0.01)
+
+
+def test_bench_train_rejects_too_few_steps_before_running_anything(project):
+    result = run_make(project, "bench-train", BENCH_STEPS="5")
+    assert result.returncode != 0
+    assert "BENCH_STEPS=5 is out of range: it must be at least 21" in result.stderr
+    assert "Traceback" not in result.stderr
