@@ -78,7 +78,7 @@ def test_bitter7_larger_v_ranks_higher_for_equal_magnitude():
 
 
 def test_bitter7_writes_into_a_view_of_a_larger_buffer():
-    # The pruner hands each parameter a view into one flat buffer.
+    # A score writes only into `out`, which may be a view of a larger tensor.
     buffer = torch.full((10,), -1.0)
     w = torch.tensor([[2.0, -1.0], [0.5, 4.0]])
     v = torch.tensor([[1.0, 16.0], [0.0, 1.0]])
