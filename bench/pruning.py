@@ -31,7 +31,6 @@ pass/fail test: the numbers are compared as ratios within one run.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from bench.knobs import knob
+from bench.output import emit
 from lib.optim import OPTIMIZERS
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner, target_count
@@ -147,6 +147,9 @@ def main() -> int:
     _, own_buffer_peak = fresh_update(after_step=False)  # the same measurement, with a score buffer
     exact = pruner.masks.count() == target_count(0.5, n) == pruner.pruned_count
 
+    def per_weight(peak: int | None) -> float | None:
+        return None if peak is None else round(peak / n, 3)
+
     result = {
         "benchmark": "pruning",
         "params": n,
@@ -161,12 +164,10 @@ def main() -> int:
         "masking_s": round(masking_s, 4),
         "masking_overhead_vs_own_step": round((kprune_dense_step_s + masking_s) / kprune_dense_step_s, 3),
         "state_bytes_per_weight": round(pruner.masks.state_bytes() / n, 4),
-        "peak_extra_bytes_per_weight": None if peak_extra is None else round(peak_extra / n, 3),
-        "peak_extra_bytes_per_weight_own_buffer": None if own_buffer_peak is None else round(own_buffer_peak / n, 3),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "peak_extra_bytes_per_weight": per_weight(peak_extra),
+        "peak_extra_bytes_per_weight_own_buffer": per_weight(own_buffer_peak),
     }
-    print(json.dumps(result), flush=True)
+    emit(result)
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from bench.knobs import knob
+from bench.output import emit
 from gpt2.model import GPT, config_for
 from gpt2.train import build_task, token_files
 from lib.data.tokens import TokenBatches
@@ -110,10 +111,8 @@ def main() -> int:
         "framework_ratio": round(best["dense"] / best["bare"], 3),
         "peer_shape_dense_tokens_per_s": round(best["dense"]),
         "peer_shape_pruned_tokens_per_s": round(best["pruned"]),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
     }
-    print(json.dumps(result), flush=True)
+    emit(result)
     return 0
 
 
