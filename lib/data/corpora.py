@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from lib.data.tokenizer import EOT_TOKEN, GPT2_RANKS_SHA256, gpt2_encoding
-from lib.data.tokens import TOKEN_DTYPE, split_into_chunks
+from lib.data.tokens import TOKEN_DTYPE, read_matching_manifest, split_into_chunks
 from lib.results import fsync_dir, write_bytes_atomic
 from lib.errors import DataError
 
@@ -351,11 +351,8 @@ def _split_single_document(holder: _SplitWriter, out_dir: Path, val_fraction: fl
 # ---------------------------------------------------------------- the cache
 
 def _reusable(out_dir: Path, expected: dict[str, Any]) -> bool:
-    try:
-        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in expected.items()):
+    manifest = read_matching_manifest(out_dir / "manifest.json", expected)
+    if manifest is None:
         return False
     # A size mismatch means a .bin was replaced behind our back: rebuild.
     files = manifest.get("files")

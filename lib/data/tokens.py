@@ -108,15 +108,23 @@ def _read_source(source: Path) -> tuple[bytes, str]:
     return raw, text
 
 
+def read_matching_manifest(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON object in `path` if it has every key/value of `expected`; None if not, or unreadable."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in expected.items()):
+        return None
+    return manifest
+
+
 def _cache_is_valid(
     meta_path: Path, expected: dict[str, Any], train: Path, val: Path
 ) -> dict[str, Any] | None:
     """Return the stored meta if the cache matches `expected`, else None."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
+    meta = read_matching_manifest(meta_path, expected)
+    if meta is None:
         return None
     counts = meta.get("tokens")
     if not isinstance(counts, dict):
