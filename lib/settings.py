@@ -241,6 +241,7 @@ def settings_from_namespace(ns: argparse.Namespace) -> Settings:
 
 def validate(settings: Settings) -> list[tuple[str, str]]:
     """Cross-option checks. Returns (symbol, problem) pairs; empty when valid."""
+    from lib.pruning.registry import LAYER_ADAPTIVE_VARIANTS, LAYER_CAP
     from lib.pruning.schedules import schedule_from_settings, ScheduleError
 
     problems: list[tuple[str, str]] = []
@@ -254,9 +255,9 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
     if s.spam_warmup is not None and s.spam_interval is not None and s.spam_warmup >= s.spam_interval:
         problems.append(("SPAM_WARMUP", f"{s.spam_warmup} must be less than SPAM_INTERVAL ({s.spam_interval}): "
                          "the re-warm must end before the next reset"))
-    if s.variant == "bitter4" and s.target_sparsity is not None and s.target_sparsity > 0.95:
-        problems.append(("TARGET_SPARSITY", f"{s.target_sparsity:g} is above 0.95, the per-layer cap of bitter4's "
-                         "layer-adaptive sparsity"))
+    if s.variant in LAYER_ADAPTIVE_VARIANTS and s.target_sparsity is not None and s.target_sparsity > LAYER_CAP:
+        problems.append(("TARGET_SPARSITY", f"{s.target_sparsity:g} is above {LAYER_CAP:g}, the per-layer cap of "
+                         f"{s.variant}'s layer-adaptive sparsity"))
     if s.pruning_method not in (None, "none"):
         try:
             sched = schedule_from_settings(s)

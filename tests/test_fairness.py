@@ -25,10 +25,12 @@ from lib.optim import build_optimizer
 from lib.pruning.build import build_pruner
 from lib.pruning.methods import Observation
 from lib.pruning.pruner import target_count
+from lib.pruning.registry import LAYER_ADAPTIVE_VARIANTS, METHOD_NAMES, VARIANT_NAMES
 from lib.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = [("magnitude", None), ("movement", None), ("spt", None)] + [("state", f"bitter{i}") for i in range(10)]
+METHODS = ([(m, None) for m in METHOD_NAMES if m not in ("none", "state")]
+           + [("state", v) for v in VARIANT_NAMES])
 METHOD_IDS = [v or m for m, v in METHODS]
 
 
@@ -130,7 +132,7 @@ def test_every_method_prunes_the_same_count_at_the_same_steps(task_name):
     for (method, variant), name in zip(METHODS, METHOD_IDS):
         s = _settings(method, variant)
         _, _, pruner = _train(task, s, steps=25)
-        assert pruner.layer_adaptive is (variant == "bitter4")
+        assert pruner.layer_adaptive is (variant in LAYER_ADAPTIVE_VARIANTS)
         trajectories[name] = [(u.step, u.pruned_count) for u in pruner.updates]
         masks[name] = torch.cat([m.reshape(-1) for m in pruner.masks.pruned])
     schedule = pruner.schedule

@@ -22,17 +22,17 @@ import kconfiglib
 from lib.errors import ConfigError
 from lib.kconfig import (apply_overrides, load_kconfig, read_config, selected_model,
                          settings_from_kconfig, trainer_argv)
+from lib.pruning.registry import MATRIX_METHODS, VARIANT_NAMES
 
 AXES = ("model", "optimizer", "method", "target_sparsity", "schedule", "seed")
-VARIANTS = tuple(f"bitter{i}" for i in range(10))
 
 # Each bool of the matrix menu selects one value of one axis.
 SELECTORS: dict[str, tuple[str, object]] = {
     "MATRIX_MODEL_GPT2": ("model", "gpt2"),
     "MATRIX_MODEL_LENET5": ("model", "lenet5"),
     **{f"MATRIX_OPTIMIZER_{o.upper()}": ("optimizer", o) for o in ("sgd", "adam", "adamw", "adamwspam", "adamwprune")},
-    **{f"MATRIX_METHOD_{m.upper()}": ("method", m) for m in ("none", "magnitude", "movement", "spt")},
-    **{f"MATRIX_VARIANT_{v.upper()}": ("method", v) for v in VARIANTS},
+    **{f"MATRIX_METHOD_{m.upper()}": ("method", m) for m in MATRIX_METHODS if m not in VARIANT_NAMES},
+    **{f"MATRIX_VARIANT_{v.upper()}": ("method", v) for v in VARIANT_NAMES},
     "MATRIX_SPARSITY_50": ("target_sparsity", 0.5),
     "MATRIX_SPARSITY_70": ("target_sparsity", 0.7),
     "MATRIX_SPARSITY_90": ("target_sparsity", 0.9),
@@ -107,7 +107,7 @@ def _axis_values(kconf: kconfiglib.Kconfig) -> dict[str, list]:
 def _overrides(combo: dict) -> list[str]:
     out = [f"MODEL={combo['model']}", f"OPTIMIZER={combo['optimizer']}"]
     method = combo["method"]
-    if method in VARIANTS:
+    if method in VARIANT_NAMES:
         out += ["PRUNING_METHOD=state", f"STATE_VARIANT={method}"]
     else:
         out.append(f"PRUNING_METHOD={method}")
@@ -135,7 +135,7 @@ def _minimal(kconf: kconfiglib.Kconfig) -> str:
 
 
 def _reason(combo: dict, exc: ConfigError) -> str:
-    if combo["method"] in VARIANTS and combo["optimizer"] != "adamwprune":
+    if combo["method"] in VARIANT_NAMES and combo["optimizer"] != "adamwprune":
         return f"state pruning ({combo['method']}) reads AdamWPrune's moments: needs OPTIMIZER=adamwprune"
     first = str(exc).splitlines()[0]
     return first.split(": ", 1)[1] if first.startswith("SET") and ": " in first else first

@@ -11,7 +11,7 @@ from lib.pruning.adaptive import adaptive_choice
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import CURVES, schedule_from_settings
-from lib.pruning.scores import BUDGET_MULTIPLIERS, LAYER_ADAPTIVE_VARIANTS
+from lib.pruning.registry import BUDGET_MULTIPLIERS, LAYER_ADAPTIVE_VARIANTS
 from lib.settings import Settings
 
 

@@ -149,6 +149,8 @@ def build_method(method: str, variant: str | None = None, *, spt_epsilon: float 
     if method == "magnitude":
         return FunctionMethod("magnitude", magnitude)
     if method == "state":
+        if variant not in STATE_VARIANTS:
+            raise ValueError(f"unknown state variant '{variant}' (one of: {', '.join(STATE_VARIANTS)})")
         return FunctionMethod(variant, STATE_VARIANTS[variant])
     if method == "movement":
         return Movement()

@@ -17,11 +17,11 @@ from torch import nn
 
 from lib.pruning.masks import CHUNK, MaskSet, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
+from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn
 from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
 
-LAYER_CAP = 0.95  # no layer is pruned beyond this fraction under layer-adaptive sparsity
 
 
 def target_count(sparsity: float, numel: int) -> int:

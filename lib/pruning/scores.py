@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from lib.pruning.registry import METHODS, VARIANTS
+
 EPS = 1e-8
 
 
@@ -113,25 +115,10 @@ def bitter9(w, state, out, ctx) -> None:
     out.sub_(_mtz(w, m, v).mul_(0.1))
 
 
-STATE_VARIANTS: dict[str, ScoreFn] = {
-    "bitter0": bitter0,
-    "bitter1": magnitude,   # pure magnitude, from the optimizer's point of view
-    "bitter2": magnitude,   # bitter1 with a larger training budget
-    "bitter3": bitter3,
-    "bitter4": bitter3,     # bitter3 with layer-adaptive sparsity
-    "bitter5": bitter5,
-    "bitter6": bitter6,
-    "bitter7": bitter7,
-    "bitter8": bitter8,
-    "bitter9": bitter9,
-}
+# Derived from the tables in lib/pruning/registry.py: nothing to edit here when a variant is added.
+STATE_VARIANTS: dict[str, ScoreFn] = {v.name: globals()[v.score] for v in VARIANTS}
 
 # Scores that are never negative (and never -0.0): their float bits already sort as integers.
-NONNEGATIVE_SCORES = frozenset({magnitude, bitter0, bitter3, bitter6, bitter7, bitter8})
-
-# Extra training iterations each variant was published with; applied only when
-# the VARIANT_BUDGET option is on (fair A/B comparisons keep it off).
-BUDGET_MULTIPLIERS: dict[str, float] = {"bitter2": 1.21, "bitter3": 1.30, "bitter4": 1.30, "bitter7": 1.70}
-
-# Variants that distribute sparsity across layers by depth instead of globally.
-LAYER_ADAPTIVE_VARIANTS = frozenset({"bitter4"})
+NONNEGATIVE_SCORES: frozenset[ScoreFn] = frozenset(
+    [STATE_VARIANTS[v.name] for v in VARIANTS if v.nonnegative]
+    + [globals()[m.name] for m in METHODS if m.nonnegative])

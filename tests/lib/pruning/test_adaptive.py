@@ -11,6 +11,7 @@ from torch import nn
 from lib.pruning.adaptive import EARLY_POINT, adaptive_choice, warp_for
 from lib.pruning.build import build_pruner
 from lib.pruning.methods import SPT
+from lib.pruning.registry import LAYER_ADAPTIVE_VARIANTS, VARIANT_NAMES
 from lib.pruning.schedules import CURVES, Schedule
 from lib.settings import Settings
 
@@ -187,10 +188,10 @@ def test_build_pruner_without_adaptive_keeps_the_configuration():
     assert pruner.method.epsilon == 0.05
 
 
-@pytest.mark.parametrize("variant", [f"bitter{i}" for i in range(10)])
-def test_build_pruner_layer_adaptive_only_for_bitter4(variant):
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_build_pruner_layer_adaptive_only_for_layer_adaptive_variants(variant):
     _, pool, opt = _pool()
     pruner, _ = build_pruner(_settings(pruning_method="state", state_variant=variant, adaptive_pruning=False),
                              pool, opt, 1000)
-    assert pruner.layer_adaptive is (variant == "bitter4")
+    assert pruner.layer_adaptive is (variant in LAYER_ADAPTIVE_VARIANTS)
     assert pruner.method.name == variant

@@ -10,10 +10,11 @@ from lib.memory import memory_by_kind
 from lib.pruning.methods import SPT, FunctionMethod, Movement, Observation, build_method
 from lib.pruning.pruner import Pruner, target_count
 from lib.pruning.schedules import Schedule
+from lib.pruning.registry import VARIANT_NAMES
 from lib.pruning.scores import STATE_VARIANTS, ScoreContext, magnitude
 
 CTX = ScoreContext(step=1)
-VARIANTS = [f"bitter{i}" for i in range(10)]
+VARIANTS = list(VARIANT_NAMES)
 
 
 def _obs(step=1, model=None, batch=(), loss_fn=None, loss=0.0) -> Observation:
