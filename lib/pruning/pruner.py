@@ -196,7 +196,9 @@ class Pruner:
         for j in range(len(keys)):
             self.masks.bits[first + j].zero_()
         if thr is not None:
-            for j, start, selected in iter_selection(keys, thr, chunk=CHUNK):
+            # Ties are broken by a hash of each weight's index in the whole pool, whichever layers are selected.
+            first_index = sum(p.numel() for p in self.masks.params[:first])
+            for j, start, selected in iter_selection(keys, thr, chunk=CHUNK, first_index=first_index):
                 self.masks.bits[first + j][start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
 
 

@@ -5,9 +5,17 @@ Scores are float32 values in one tensor per parameter, written by the pruner
 turned in place into int32 keys whose integer order is the float order; a
 two-level radix histogram (top 16 bits, then low 16 bits within the one bin
 that holds the k-th key) finds the exact k-th key. The k lowest are every key
-below that threshold plus the first `ties` keys equal to it in order (tensor
-by tensor, then by position), so equal scores are broken by position: the
-same inputs always give the same selection, on every rank and every run.
+below that threshold plus `ties` of the keys equal to it.
+
+Which of the tied keys are taken must not depend on where they sit: SPT's
+never-explored weights all score exactly 0, and taking them tensor by tensor
+would prune the first layers wholesale. Each weight's global index (its
+position in the whole pool) is passed through a fixed bijective 32-bit
+integer hash, and the tied weights with the smallest hashes are taken, found
+by a second exact selection over the hashes of the tied weights only (a hash
+is recomputed where needed, never stored for every weight). The order is
+pseudo-random in position yet fixed: the same inputs give the same selection
+on every rank and every run.
 """
 
 from __future__ import annotations
@@ -52,23 +60,32 @@ def _first_bin_reaching(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def kth_threshold(keys: list[torch.Tensor], k: int) -> Threshold:
     """Exact threshold for the k lowest of the flat int32 tensors `keys`, taken together (1 <= k <= total)."""
-    n = sum(t.numel() for t in keys)
+    return _kth(lambda: _chunks(keys), sum(t.numel() for t in keys), k)
+
+
+def _kth(chunks, n: int, k: int) -> Threshold:
+    """Exact threshold for the k lowest of the n int32 keys that `chunks()` yields (it may be called twice).
+
+    The chunks are read, never written.
+    """
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of keys ({n})")
     if n <= _SMALL:
         # Below this size a sort (of a small concatenation) is cheaper than two 65,536-bin histograms.
-        ordered = torch.sort(torch.cat(keys)).values
+        ordered = torch.sort(torch.cat(list(chunks()))).values
         key = int(ordered[k - 1])
         below = int(torch.searchsorted(ordered, key))
         equal = int(torch.searchsorted(ordered, key, right=True)) - below
         return Threshold(key=key, ties=k - below, equal=equal)
-    hist = torch.zeros(1 << 16, dtype=torch.int64, device=keys[0].device)
-    for chunk in _chunks(keys):
+    hist = None
+    for chunk in chunks():
+        if hist is None:
+            hist = torch.zeros(1 << 16, dtype=torch.int64, device=chunk.device)
         hist += torch.bincount((chunk >> 16).add_(1 << 15), minlength=1 << 16)
     high, below = _first_bin_reaching(hist, k)
     high_signed = high - (1 << 15)
     hist.zero_()
-    for chunk in _chunks(keys):
+    for chunk in chunks():
         inside = chunk[(chunk >> 16) == high_signed]
         if inside.numel():
             hist += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=1 << 16)
@@ -81,37 +98,65 @@ def _chunks(keys: list[torch.Tensor]):
         yield from t.split(_CHUNK)
 
 
-def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK):
+TIE_SEED = 0x5BD1E995  # fixed: the tie order is the same on every rank and in every run
+_M32 = 0xFFFFFFFF
+
+
+def tie_hash(index: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit mix of int64 global indices (< 2**32), as int32 keys in hash order.
+
+    xor-shift and multiply-by-odd steps are each invertible modulo 2**32, so
+    distinct indices get distinct hashes: the tie order has no ties of its
+    own. The multipliers stay below 2**31 so int64 products never overflow.
+    """
+    x = (index + TIE_SEED) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    return (x - (1 << 31)).to(torch.int32)  # unsigned order -> signed int32 order
+
+
+def _tied_hashes(keys: list[torch.Tensor], key: int, first_index: int, chunk: int):
+    """Hashes of the global indices of every key equal to `key`, chunk by chunk."""
+    offset = first_index
+    for seg in keys:
+        for start in range(0, seg.numel(), chunk):
+            where = (seg[start:start + chunk] == key).nonzero().squeeze(1)
+            if where.numel():
+                yield tie_hash(where.add_(offset + start))
+        offset += seg.numel()
+
+
+def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK, first_index: int = 0):
     """Yield (tensor index, start, bool chunk): which keys of each tensor are among the k lowest.
 
     Chunks are `chunk` elements of one tensor (the last one shorter), tensors
-    in list order, so ties are taken by position: the first `thr.ties` keys
-    equal to the threshold are selected.
+    in list order. Of the keys equal to the threshold, the `thr.ties` whose
+    global indices (`first_index` for the first key of `keys[0]`, counting on
+    through the list) hash lowest are selected.
     """
-    every_equal = thr.ties == thr.equal  # the usual case: no tie to break by position
-    ties_left = 0 if every_equal else thr.ties
+    total = first_index + sum(seg.numel() for seg in keys)
+    if total > 1 << 32:
+        raise ValueError(f"{total} weights: tie-breaking hashes indices below 2**32")
+    every_equal = thr.ties == thr.equal  # the usual case: no tie to break
+    tie_key = None
+    if not every_equal:
+        tie_key = _kth(lambda: _tied_hashes(keys, thr.key, first_index, chunk), thr.equal, thr.ties).key
+    offset, taken = first_index, 0
     for index, seg in enumerate(keys):
         for start in range(0, seg.numel(), chunk):
             piece = seg[start:start + chunk]
-            selected = piece <= thr.key if every_equal else piece < thr.key
-            if ties_left:
-                equal = (piece == thr.key).nonzero().squeeze(1)[:ties_left]
-                selected[equal] = True
-                ties_left -= equal.numel()
+            if every_equal:
+                yield index, start, piece <= thr.key
+                continue
+            selected = piece < thr.key
+            where = (piece == thr.key).nonzero().squeeze(1)
+            if where.numel():
+                chosen = where[tie_hash(where + (offset + start)) <= tie_key]
+                selected[chosen] = True
+                taken += chosen.numel()
             yield index, start, selected
-    assert ties_left == 0, "selection bug: ties not exhausted"
-
-
-def select_lowest(keys: list[torch.Tensor], k: int, out: list[torch.Tensor]) -> None:
-    """Write into the bool tensors `out` which of the k lowest keys fall in each of `keys`.
-
-    `out[i]` has as many elements as the flat int32 tensor `keys[i]`. Exactly
-    k entries end up True across all of `out`.
-    """
-    if k == 0:
-        for mask in out:
-            mask.zero_()
-        return
-    thr = kth_threshold(keys, k)
-    for index, start, selected in iter_selection(keys, thr):
-        out[index].view(-1)[start:start + selected.numel()] = selected
+        offset += seg.numel()
+    assert every_equal or taken == thr.ties, "selection bug: wrong number of tied keys taken"
