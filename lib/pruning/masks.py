@@ -150,10 +150,6 @@ class MaskSet:
             b.zero_()
         self.pruned_count = 0
 
-    def set_mask(self, i: int, mask: torch.Tensor) -> None:
-        """Replace parameter i's mask (bool, any shape with its number of elements)."""
-        self.bits[i] = pack_bits(mask.to(torch.bool))
-
     @torch.no_grad()
     def zero_pruned_grads(self) -> None:
         """grad = 0 wherever the weight is exactly 0 (every pruned weight is)."""

@@ -14,6 +14,7 @@ from lib.pruning.masks import MaskSet
 from lib.pruning.pruner import Pruner, target_count
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, bitter7, magnitude
+from lib.pruning.selection import tie_hash
 
 STEPS = 200
 SCHEDULE = Schedule("linear", start=20, end=160, final=0.8, frequency=15)
@@ -168,7 +169,7 @@ def test_other_schedules_hit_exact_counts(kind):
     assert pruner.masks.count() == target_count(0.6, pruner.numel)
 
 
-def test_update_selects_smallest_magnitudes_with_ties_by_position():
+def test_update_selects_smallest_magnitudes_and_breaks_ties_by_the_tie_hash():
     a = nn.Parameter(torch.tensor([[0.125, -5.0, 0.25], [2.0, -0.0625, 1.0]]))
     b = nn.Parameter(torch.tensor([0.25, 0.25, 4.0, -0.25]))
     opt = torch.optim.AdamW([a, b], lr=1e-3)
@@ -176,11 +177,16 @@ def test_update_selects_smallest_magnitudes_with_ties_by_position():
     pruner = Pruner([("a", a), ("b", b)], sched, magnitude, opt)
     record = pruner.update(0)
     assert record.pruned_count == 5 == pruner.masks.count()  # 0.5 * 10
-    # 0.0625, 0.125 are lowest; then the 0.25 tie (a[0,2], b[0], b[1], b[3]) by flat order: a[0,2], b[0], b[1]
-    assert pruner.masks.pruned[0].tolist() == [[True, False, True], [False, True, False]]
-    assert pruner.masks.pruned[1].tolist() == [True, True, False, False]
-    assert a.detach().tolist() == [[0.0, -5.0, 0.0], [2.0, 0.0, 1.0]]
-    assert b.detach().tolist() == [0.0, 0.0, 4.0, -0.25]
+    # 0.0625 and 0.125 are lowest; three of the four tied 0.25s (pool indices 2, 6, 7, 9) follow:
+    # all but the one whose index hashes highest.
+    tied = torch.tensor([2, 6, 7, 9])
+    spared = int(tied[tie_hash(tied).argmax()])
+    expected = torch.zeros(10, dtype=torch.bool)
+    expected[[4, 0, *[i for i in tied.tolist() if i != spared]]] = True
+    got = torch.cat([m.reshape(-1) for m in pruner.masks.pruned])
+    assert got.tolist() == expected.tolist()
+    flat = torch.cat([a.detach().reshape(-1), b.detach().reshape(-1)])
+    assert (flat[got] == 0).all() and (flat[~got] != 0).all()
 
 
 def test_already_pruned_weights_stay_pruned_even_if_others_score_lower():

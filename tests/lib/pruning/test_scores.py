@@ -101,7 +101,7 @@ def test_method_lookup():
 
 import math  # noqa: E402
 
-from lib.pruning.registry import VARIANT_NAMES  # noqa: E402
+from lib.pruning.registry import VARIANT_NAMES, VARIANTS  # noqa: E402
 from lib.pruning.scores import STATE_VARIANTS, bitter3  # noqa: E402
 
 # Hand-made values: signs of w and m in every combination, v from tiny to large, a zero m and a zero v.
@@ -284,3 +284,35 @@ def test_weight_moving_toward_zero_is_pruned_first_by_a_real_adam_step(variant):
     got = _score_ctx(STATE_VARIANTS[variant], w, opt.state[p], CTX)
     assert got[0] < got[1] and got[2] < got[3]
     assert got[0] < got[3] and got[2] < got[1]
+
+
+# --- scores marked non-negative: their float bits are the selection keys -------------
+
+NONNEGATIVE_ROWS = [v for v in VARIANTS if v.nonnegative]
+
+
+@pytest.mark.parametrize("variant", NONNEGATIVE_ROWS, ids=lambda v: v.name)
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+def test_nonnegative_scores_never_produce_negatives_or_minus_zero(variant, beta1):
+    # A -0.0 or negative score would read as a huge int32 key and rank as the most important weight.
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    w = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4)
+    m = torch.randn(n, generator=g) * 1e-3
+    v = torch.rand(n, generator=g).pow(6) * 1e-4
+    for t, zeros in ((w, 0.2), (m, 0.2), (v, 0.1)):  # -0.0 and +0.0 entries, as pruning and resets leave them
+        t[torch.rand(n, generator=g) < zeros / 2] = -0.0
+        t[torch.rand(n, generator=g) < zeros / 2] = 0.0
+    assert torch.signbit(w[w == 0]).any() and torch.signbit(m[m == 0]).any() and torch.signbit(v[v == 0]).any()
+    for state in ({}, {"exp_avg": m, "exp_avg_sq": v, "step": torch.tensor(3.0)}):
+        out = torch.full_like(w, float("nan"))
+        build_method("state", variant.name).score(0, w, state, out, ScoreContext(step=3, beta1=beta1))
+        assert not torch.isnan(out).any()
+        assert not torch.signbit(out).any(), f"{variant.name}: a negative or -0.0 score"
+
+
+def test_magnitude_is_nonnegative_on_minus_zero():
+    w = torch.tensor([-0.0, 0.0, -1.5, 2.0])
+    out = torch.empty(4)
+    build_method("magnitude").score(0, w, {}, out, CTX)
+    assert not torch.signbit(out).any()
