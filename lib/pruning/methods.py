@@ -10,7 +10,8 @@ Most methods are a pure score function of the weight and its optimizer state
   removed for one extra forward pass; the loss increase this causes is their
   reward, kept as an exponential moving average with factor alpha. Weights
   whose removal hurts least (lowest reward) are pruned; never-explored weights
-  keep the neutral reward 0.
+  keep the neutral reward 0. The extra pass leaves the model's buffers
+  (BatchNorm running statistics and the like) and the global RNG as it found them.
 """
 
 from __future__ import annotations
@@ -118,10 +119,15 @@ class SPT(Method):
             explored.append(pick)
             saved.append(p[pick].clone())
             p.masked_fill_(pick, 0.0)
-        # Its own RNG stream: exploring must not change the dropout masks training sees.
+        # Its own RNG stream: exploring must not change the dropout masks training sees. And the
+        # model's buffers as they were: the probe is not a training step, so BatchNorm's running
+        # statistics and batch count (or any other buffer a forward pass updates) must not move.
+        buffers = [b.clone() for b in obs.model.buffers()]
         devices = [obs.batch[0].device] if obs.batch[0].is_cuda else []
         with torch.random.fork_rng(devices=devices):
             removed_loss = obs.loss_fn(obs.model, obs.batch).item()
+        for b, before in zip(obs.model.buffers(), buffers):
+            b.copy_(before)
         for p, pick, values in zip(self.params, explored, saved):
             p[pick] = values
         # Under DDP each rank saw its own batch: average, so every rank keeps the same rewards.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -324,34 +326,44 @@ def test_memory_reports_score_bytes(method, variant, per_weight):
 
 
 def test_mask_update_writes_scores_into_spent_gradients_only():
+    # Two identical, independent copies, built and trained alike before any mask update: one
+    # updates with a score buffer of its own, the other writes the scores into its spent gradients.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    prunable = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
-    weights = [p for _, p in prunable]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    models = [nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))]
+    models.append(copy.deepcopy(models[0]))
     x, y = torch.randn(4, 5), torch.randn(4, 3)
-
-    def backward_and_step():
+    schedule = Schedule("one-shot", start=1, end=1, final=0.5)
+    pruners = []
+    for model in models:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        prunable = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
+        pruners.append(Pruner(prunable, schedule, build_method("state", "bitter7"), opt))
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+    own, spent = pruners
+    assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+               for a, b in zip(models[0].parameters(), models[1].parameters()))
+    weights = [list(p for p in own.masks.params), list(p for p in spent.masks.params)]
+    grads = [p.grad.clone() for p in weights[0]]
 
-    schedule = Schedule("one-shot", start=1, end=1, final=0.5)
-    twin = Pruner(prunable, schedule, build_method("state", "bitter7"), opt)
-    backward_and_step()
-    grads = [p.grad.clone() for p in weights]
     # Not after a step: the gradients may still be needed, so they are left alone and
     # the scores get a buffer of their own.
-    twin.update(1)
-    assert all(torch.equal(p.grad, g) for p, g in zip(weights, grads))
-    assert twin.peak_score_bytes == 4 * sum(p.numel() for p in weights)
-    masks_from_own_buffer = [m.clone() for m in twin.masks.pruned]
+    own.update(1)
+    assert all(torch.equal(p.grad, g) for p, g in zip(weights[0], grads))
+    assert own.peak_score_bytes == 4 * sum(p.numel() for p in weights[0])
 
-    twin.masks.clear()
-    assert twin.after_step(1) is not None  # the same update, scores written into the spent gradients
-    assert [torch.equal(a, b) for a, b in zip(twin.masks.pruned, masks_from_own_buffer)] == [True, True]
-    assert all(p.grad is None for p in weights)  # nothing can read the scores as gradients
-    assert model[0].bias.grad is not None  # parameters that are not pruned keep theirs
+    assert spent.after_step(1) is not None  # the same update, scores written into the spent gradients
+    assert spent.peak_score_bytes == 0
+    assert all(p.grad is None for p in weights[1])  # nothing can read the scores as gradients
+    assert models[1][0].bias.grad is not None  # parameters that are not pruned keep theirs
+
+    assert own.pruned_count == spent.pruned_count == target_count(0.5, own.numel)
+    assert all(torch.equal(a, b) for a, b in zip(own.masks.pruned, spent.masks.pruned))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+    for a, b in zip(weights[0], weights[1]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(own.optimizer.state[a][key], spent.optimizer.state[b][key])
 
 
 def test_memory_counts_a_tied_prunable_weight_once():
@@ -368,3 +380,38 @@ def test_memory_counts_a_tied_prunable_weight_once():
         pruner = Pruner(pool, Schedule("one-shot", start=1, end=2, final=0.5), build_method(method), opt)
         assert pruner.numel == numel
         assert memory_by_kind(model, opt, pruner)["scores"] == 4 * numel
+
+
+class _ForwardCounter(nn.Module):
+    """Counts its forward passes in a buffer: stands for any buffer a forward pass updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_spt_probe_leaves_every_buffer_as_it_found_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), _ForwardCounter(), nn.Linear(16, 2))
+    model.train()
+    params = [model[0].weight, model[4].weight]
+    x, y = torch.randn(8, 10), torch.randn(8, 2)
+
+    def loss_fn(m, b):
+        return nn.functional.mse_loss(m(b[0]), b[1])
+
+    loss = loss_fn(model, (x, y))  # the training step's own forward pass moves the buffers
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    assert set(before) == {"1.running_mean", "1.running_var", "1.num_batches_tracked", "3.calls"}
+    assert int(before["1.num_batches_tracked"]) == 1 and int(before["3.calls"]) == 1
+    method = _spt(params, epsilon=0.5)
+    for step in (1, 2, 3):
+        method.observe(_obs(step, model, (x, y), loss_fn, loss.item()))
+    assert any((r != 0).any() for r in method.rewards)  # the probe really ran its forward passes ...
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), f"the SPT probe changed buffer {name}"  # ... and undid their effects
+    assert model.training
