@@ -10,11 +10,13 @@ methods, so at every update every method prunes the same number of weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lib.errors import KpruneError
 from lib.pruning.masks import CHUNK, MaskSet, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP
@@ -94,8 +96,22 @@ class Pruner:
         self.optimizer = optimizer
         self.beta1 = beta1
         self.layer_adaptive = layer_adaptive
+        if layer_adaptive:
+            self._check_reachable()
         self.updates: list[MaskUpdate] = []
         self.peak_score_bytes = 0
+
+    def _check_reachable(self) -> None:
+        """Refuse, before training, a final sparsity the per-layer cap cannot reach with these layer sizes."""
+        sizes = [p.numel() for p in self.masks.params]
+        capacity = sum(int(LAYER_CAP * n) for n in sizes)  # whole weights: a small layer's cap rounds down
+        if target_count(self.schedule.final, self.numel) <= capacity:
+            return
+        reachable = math.floor(capacity / self.numel * 1e4) / 1e4
+        raise KpruneError(f"TARGET_SPARSITY {self.schedule.final:g} cannot be reached with layer-adaptive "
+                          f"sparsity: each of the {len(sizes)} prunable layers is capped at {LAYER_CAP:g} of its "
+                          f"weights, so at most {capacity:,} of {self.numel:,} weights can be pruned; "
+                          f"set TARGET_SPARSITY to at most {reachable:g}")
 
     @property
     def score_buffers(self) -> list[torch.Tensor]:

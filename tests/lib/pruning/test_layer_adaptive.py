@@ -174,3 +174,32 @@ def test_pruner_with_bitter4_hits_the_global_count_with_layer_adaptive_counts():
     final = [int(m.sum()) / n for m, n in zip(pruner.masks.pruned, sizes)]
     assert final[-1] > final[0]  # deeper layers are pruned more
     assert max(final) <= LAYER_CAP
+
+
+def test_unreachable_target_is_refused_before_training_with_the_real_layer_sizes():
+    # LeNet-5's first convolution has 150 weights: its 95% cap is 142 whole weights (94.7%),
+    # so 0.95 passes the settings check (<= 0.95) but cannot be reached. Refused before step 1.
+    from lenet5.model import LeNet5
+    from lib.errors import KpruneError
+
+    torch.manual_seed(0)
+    model = LeNet5()
+    prunable = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
+    sizes = [p.numel() for _, p in prunable]
+    capacity = sum(_cap(n) for n in sizes)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    unreachable = Schedule("cubic-ramp", start=1, end=10, final=0.95, frequency=3)
+    assert target_count(0.95, sum(sizes)) > capacity
+    with pytest.raises(KpruneError) as info:
+        Pruner(prunable, unreachable, build_method("state", "bitter4"), opt, layer_adaptive=True)
+    message = str(info.value)
+    limit = float(message.rsplit("at most ", 1)[1])
+    assert message.startswith("TARGET_SPARSITY 0.95 cannot be reached") and "capped at 0.95" in message
+    assert f"{capacity:,} of {sum(sizes):,}" in message
+    # The largest sparsity the message offers is accepted and really reached, to the weight.
+    assert target_count(limit, sum(sizes)) <= capacity
+    reachable = Schedule("one-shot", start=1, end=1, final=limit)
+    pruner = Pruner(prunable, reachable, build_method("state", "bitter4"), opt, layer_adaptive=True)
+    assert pruner.update(1).pruned_count == target_count(limit, sum(sizes))
+    # Global selection has no cap: the same target is fine without layer-adaptive sparsity.
+    Pruner(prunable, unreachable, build_method("state", "bitter3"), opt)
