@@ -54,8 +54,9 @@ def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], opti
         adaptive = {**choice.as_dict(), "frequency_used": schedule.frequency, "warp_used": schedule.warp}
         print(f"adaptive pruning for {model_params:,} parameters: SPT epsilon {choice.spt_epsilon:.4g}, "
               f"update every {schedule.frequency} steps, schedule warp {schedule.warp:.3g}", file=sys.stderr)
-    method = build_method(s.pruning_method, s.variant, spt_epsilon=spt_epsilon or 0.01, spt_alpha=s.spt_alpha or 0.9,
+    # Every value as configured, zeros included (SPT_ALPHA=0, BETA1=0): the settings' ranges refuse what is invalid.
+    method = build_method(s.pruning_method, s.variant, spt_epsilon=spt_epsilon, spt_alpha=s.spt_alpha,
                           seed=s.seed, last_step=schedule.last_update)
-    pruner = Pruner(named_params, schedule, method, optimizer, beta1=s.beta1 or 0.9,
+    pruner = Pruner(named_params, schedule, method, optimizer, beta1=s.beta1,
                     layer_adaptive=s.variant in LAYER_ADAPTIVE_VARIANTS)
     return pruner, adaptive

@@ -86,7 +86,7 @@ class MaskUpdate:
 
 class Pruner:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], schedule: Schedule, method: Method | ScoreFn,
-                 optimizer: torch.optim.Optimizer, beta1: float = 0.9, layer_adaptive: bool = False):
+                 optimizer: torch.optim.Optimizer, beta1: float | None = 0.9, layer_adaptive: bool = False):
         self.masks = MaskSet(named_params)
         if self.masks.numel == 0:
             raise ValueError("no prunable parameters")

@@ -209,8 +209,9 @@ def schedule_from_settings(settings, frequency: int | None = None, warp: float =
         sched = Schedule.milestones(parse_points(s.schedule_milestones), frequency, s.target_sparsity)
     elif s.schedule == "steps":
         sched = Schedule.steps(parse_levels(s.schedule_steps), s.schedule_start, frequency, s.target_sparsity)
-    else:  # one-shot has no end, initial sparsity or frequency
+    else:  # one-shot has no end, initial sparsity or frequency (None): it uses none of them
         sched = Schedule(kind=s.schedule, start=s.schedule_start,
                          end=s.schedule_start if s.schedule_end is None else s.schedule_end,
-                         final=s.target_sparsity, initial=s.initial_sparsity or 0.0, frequency=frequency or 1)
+                         final=s.target_sparsity, initial=0.0 if s.initial_sparsity is None else s.initial_sparsity,
+                         frequency=1 if frequency is None else frequency)
     return replace(sched, warp=warp) if warp != 1.0 else sched
