@@ -101,8 +101,8 @@ class SPT(Method):
     name = "spt"
 
     def __init__(self, epsilon: float, alpha: float, seed: int, last_step: int):
-        if epsilon is None or not 0.0 < epsilon < 1.0:
-            raise ValueError(f"SPT epsilon {epsilon!r} must be in (0, 1) (SPT_EPSILON)")
+        if epsilon is None or not 0.0 < epsilon <= 1.0:
+            raise ValueError(f"SPT epsilon {epsilon!r} must be in (0, 1] (SPT_EPSILON)")
         if alpha is None or not 0.0 <= alpha < 1.0:
             raise ValueError(f"SPT alpha {alpha!r} must be in [0, 1) (SPT_ALPHA)")
         self.epsilon, self.alpha, self.last_step = epsilon, alpha, last_step
