@@ -38,11 +38,19 @@ Decisions
 Step counting and reset timing. Each parameter group counts its `step()` calls
 in ``group["spam_step"]`` (an int, saved with the optimizer's state_dict); call
 t = 1, 2, ... The reset happens at the start of every call t > 1 with
-(t - 1) % interval == 0, before that call's update, as in the reference code:
-after call `interval` the moments still hold the whole history (state-based
-pruning may read them then), and after call `interval + 1` they hold that one
-gradient. The moments of every parameter in the group are reset, including
-parameters that have no gradient in that call.
+(t - 1) % interval == 0 (calls interval + 1, 2 * interval + 1, ...), before that
+call's update. This is one call LATER than the reference code, which resets at
+the start of calls interval, 2 * interval, ... (its test is t % DeltaT == 0 on
+the same 1-based count). The shift is deliberate: kprune's mask updates run
+after an optimizer step, and schedules put them on round step numbers such as
+multiples of the interval. Resetting at the start of call `interval` would
+leave a state-based mask update after that call reading moments that hold a
+single gradient; here, after call `interval` the moments still hold the whole
+history, and after call `interval + 1` they hold that one gradient. The
+re-warm and the clipping delay count from the reset, so they move by the same
+one call; the spacing of resets is unchanged. The moments of every parameter
+in the group are reset, including parameters that have no gradient in that
+call.
 
 Bias correction is not restarted by a reset. The per-parameter ``state["step"]``
 is a float32 scalar tensor (float64 when the default dtype is float64), the
@@ -228,10 +236,10 @@ class AdamWSPAM(Optimizer):
         beta1, beta2 = group["betas"]
         lr, wd, eps, amsgrad = group["lr"], group["weight_decay"], group["eps"], group["amsgrad"]
         if t > 1 and since_reset == 0:
-            # Momentum reset, at the start of the first call of a new interval. Resetting
-            # here rather than at the end of the previous call gives the same trajectory
-            # and keeps the moments informative between calls, where state-based pruning
-            # reads them: a mask update right after call 500 still sees Adam's history.
+            # Momentum reset, at the start of call interval + 1 (the reference code: call
+            # interval; see the module docstring). Between calls the moments stay informative,
+            # where state-based pruning reads them: a mask update right after call 500 still
+            # sees Adam's history.
             for p in group["params"]:
                 for key in _MOMENT_KEYS:
                     if key in self.state.get(p, {}):

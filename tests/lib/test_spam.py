@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.spam import SPIKE_CLIP_DELAY, AdamWSPAM, cosine_rewarm
+from lib.spam import REWARM_FLOOR, SPIKE_CLIP_DELAY, AdamWSPAM, cosine_rewarm
 
 
 def _params(shapes, seed=0):
@@ -152,6 +152,25 @@ def test_moments_restart_from_zero_at_the_first_call_of_every_interval(amsgrad):
     assert opt.state[p]["step"].item() == 25
     assert opt.state[q]["step"].item() == 24
     assert opt.param_groups[0]["spam_step"] == 25
+
+
+def test_reset_timing_is_pinned_one_call_after_the_authors_code():
+    """Resets (and the 0.01 re-warm) fall on calls 5, 9, 13 for interval 4: one call later than the
+    authors' code, which resets at the start of calls 4, 8, 12. On purpose: see lib/spam.py."""
+    beta1 = 0.9
+    p, = _params([(6,)])
+    opt = AdamWSPAM([p], lr=1e-3, interval=4, warmup=2, betas=(beta1, 0.999))
+    gen = torch.Generator().manual_seed(4)
+    fresh_calls, floor_calls = [], []
+    for t in range(1, 14):
+        p.grad = torch.randn(p.shape, generator=gen) + 3.0  # never zero: a fresh m is (1 - beta1) * g exactly
+        opt.step()
+        if torch.equal(opt.state[p]["exp_avg"], (1 - beta1) * p.grad):
+            fresh_calls.append(t)
+        if opt.rewarm_factor() == REWARM_FLOOR:
+            floor_calls.append(t)
+    assert fresh_calls == [1, 5, 9, 13]  # call 1 starts from zero moments too
+    assert floor_calls == [5, 9, 13]
 
 
 def test_moments_stay_informative_between_calls_at_a_reset_boundary():
