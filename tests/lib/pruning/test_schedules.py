@@ -8,25 +8,52 @@ import pytest
 
 from lib.pruning.schedules import CURVES, Schedule, ScheduleError
 
-ABS = 5e-4
+EXACT = 1e-12  # golden values are the formula's own numbers, not a band a neighbouring curve fits in
+
+
+def _printed(value: float, percent: float, decimals: int) -> bool:
+    """Whether `value` shows as `percent` % when printed with `decimals` decimals (half up, or truncated)."""
+    scaled = value * 100 * 10 ** decimals
+    return round(percent * 10 ** decimals) in (math.floor(scaled + 0.5 + 1e-9), math.floor(scaled + 1e-9))
 
 
 # --- golden values ---------------------------------------------------------
 
+# SPEC §5: zhu-gupta with s_f = 0.7 over 10,000 steps gives 40.5 / 61.3 / 68.9 % at 2500 / 5000 / 7500
+# (seed 004's printed 48.8 % at 2500 is wrong: its own formula gives 40.5 %).
+ZHU_GUPTA_SPEC = [(2500, 40.5), (5000, 61.3), (7500, 68.9)]
+# SPEC §5: cubic-ramp with warmup 100 and target 50 %: ramp end 3000 -> 0.13 / 1.49 / 5.63 / 14.06 % at
+# 500 / 1000 / 1500 / 2000 and 49.4 % at 2990; ramp end 10000 -> 0.5 % at 2270.
+CUBIC_RAMP_SPEC = [(3000, 500, 0.13, 2), (3000, 1000, 1.49, 2), (3000, 1500, 5.63, 2), (3000, 2000, 14.06, 2),
+                   (3000, 2990, 49.4, 1), (10000, 2270, 0.5, 1)]
+
+
+def _zhu_gupta_matches_spec(target) -> bool:
+    return all(_printed(target(step), percent, 1) for step, percent in ZHU_GUPTA_SPEC)
+
+
+def _cubic_ramp_matches_spec(target) -> bool:
+    """`target(end, step)`: the sparsity with start 100, the given ramp end and final 0.5."""
+    return all(_printed(target(end, step), percent, decimals) for end, step, percent, decimals in CUBIC_RAMP_SPEC)
+
+
 @pytest.mark.parametrize("step, expected", [
     (0, 0.0),
-    # SPEC §5 prints 40.5 / 61.3 / 68.9 %; the exact values are used because
-    # 61.3 % is 0.6125 rounded half up, which sits exactly on a 5e-4 boundary.
-    (2500, 0.405),    # 0.7 * (1 - 0.75^3) = 0.4046875 (seed 004's printed 48.8% is wrong)
-    (5000, 0.6125),   # 0.7 * (1 - 0.5^3)
-    (7500, 0.689),    # 0.7 * (1 - 0.25^3) = 0.6890625
+    (2500, 0.7 * (1 - 0.75 ** 3)),   # 0.4046875
+    (5000, 0.7 * (1 - 0.5 ** 3)),    # 0.6125
+    (7500, 0.7 * (1 - 0.25 ** 3)),   # 0.6890625
     (10000, 0.7),
     (10001, 0.7),
     (25000, 0.7),
 ])
 def test_zhu_gupta_golden_values(step, expected):
     s = Schedule("zhu-gupta", start=0, end=10000, final=0.7)
-    assert s.target(step) == pytest.approx(expected, abs=ABS)
+    assert s.target(step) == pytest.approx(expected, abs=EXACT)
+
+
+def test_zhu_gupta_prints_as_spec_says():
+    s = Schedule("zhu-gupta", start=0, end=10000, final=0.7)
+    assert _zhu_gupta_matches_spec(s.target)
 
 
 def test_zhu_gupta_is_front_loaded_cubic_ramp_back_loaded():
@@ -35,29 +62,36 @@ def test_zhu_gupta_is_front_loaded_cubic_ramp_back_loaded():
     # The two "cubic" curves are different: at a quarter, zhu-gupta is far ahead.
     assert zg.target(2500) > 0.5 * 0.7
     assert cr.target(2500) < 0.05 * 0.7
-    assert cr.target(2500) == pytest.approx(0.7 * 0.25 ** 3, abs=1e-12)
+    assert cr.target(2500) == pytest.approx(0.7 * 0.25 ** 3, abs=EXACT)
 
 
-def test_cubic_ramp_end_3000_near_end():
-    s = Schedule("cubic-ramp", start=100, end=3000, final=0.5)
-    value = s.target(2990)
-    # 0.5 * (2890/2900)^3 = 0.49485; SPEC §5 prints it as "49.4%" (truncated to 0.1 %).
-    assert value == pytest.approx(0.4948, abs=ABS)
+@pytest.mark.parametrize("end, step, percent, decimals", CUBIC_RAMP_SPEC)
+def test_cubic_ramp_golden_values(end, step, percent, decimals):
+    s = Schedule("cubic-ramp", start=100, end=end, final=0.5)
+    assert s.target(step) == pytest.approx(0.5 * ((step - 100) / (end - 100)) ** 3, abs=EXACT)
+    assert _printed(s.target(step), percent, decimals)
+
+
+def test_cubic_ramp_2990_is_49_4_percent_truncated():
+    # 0.5 * (2890/2900)^3 = 0.49485: SPEC prints "49.4%" (truncated to 0.1 %).
+    value = Schedule("cubic-ramp", start=100, end=3000, final=0.5).target(2990)
+    assert value == pytest.approx(0.5 * (2890 / 2900) ** 3, abs=EXACT)
     assert math.floor(value * 1000) == 494
 
 
-def test_cubic_ramp_end_10000_early():
-    s = Schedule("cubic-ramp", start=100, end=10000, final=0.5)
-    assert s.target(2270) == pytest.approx(0.0053, abs=ABS)
-    assert s.target(2270) == pytest.approx(0.005, abs=ABS)
+@pytest.mark.parametrize("exponent", [2.9, 3.1])
+def test_the_golden_checks_reject_a_slightly_wrong_curve(exponent):
+    # Guards the checks above: a ramp p^2.9 or p^3.1 (a plausible typo) must not pass them.
+    def wrong_cubic(end, step):
+        return 0.5 * (min(1.0, max(0.0, (step - 100) / (end - 100))) ** exponent)
 
+    def wrong_zhu_gupta(step):
+        return 0.7 * (1 - (1 - step / 10000) ** exponent)
 
-@pytest.mark.parametrize("step, expected", [
-    (500, 0.0013), (1000, 0.0149), (1500, 0.0563), (2000, 0.1406),
-])
-def test_cubic_ramp_end_3000_table(step, expected):
-    s = Schedule("cubic-ramp", start=100, end=3000, final=0.5)
-    assert s.target(step) == pytest.approx(expected, abs=ABS)
+    assert _cubic_ramp_matches_spec(lambda end, step: Schedule("cubic-ramp", start=100, end=end, final=0.5)
+                                    .target(step))
+    assert not _cubic_ramp_matches_spec(wrong_cubic)
+    assert not _zhu_gupta_matches_spec(wrong_zhu_gupta)
 
 
 def test_cubic_ramp_reaches_final_at_end_and_after():
