@@ -75,5 +75,5 @@ def test_derived_tables():
 
 
 def test_unknown_variant_is_a_clear_error():
-    with pytest.raises(ValueError, match="bitter10"):
-        build_method("state", "bitter10")
+    with pytest.raises(ValueError, match="unknown state variant 'bitter-x'"):
+        build_method("state", "bitter-x")
