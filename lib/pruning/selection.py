@@ -43,7 +43,7 @@ def floats_to_keys_(buffer: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Threshold:
-    """The k lowest keys are those < key, plus the first `ties` of the `equal` keys == key."""
+    """The k lowest keys are those < key, plus `ties` of the `equal` keys == key (which: see iter_selection)."""
 
     key: int
     ties: int
@@ -139,7 +139,8 @@ def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK
     """
     total = first_index + sum(seg.numel() for seg in keys)
     if total > 1 << 32:
-        raise ValueError(f"{total} weights: tie-breaking hashes indices below 2**32")
+        raise ValueError(f"{total:,} prunable weights: the tie order hashes 32-bit indices, so at most 2**32 "
+                         "weights can be pruned as one pool")
     every_equal = thr.ties == thr.equal  # the usual case: no tie to break
     tie_key = None
     if not every_equal:
