@@ -90,7 +90,7 @@ def _delta_cell(matrix: Matrix, arm: Arm, audit: Audit) -> str:
         text += f" vs {arm_label(matrix, base)}"
     confounded = _confounded(audit, base, arm)
     if confounded:
-        text += f"; confounded: also differs in {confounded}"
+        text += f"; confounded: differs in {confounded}"
     return text
 
 

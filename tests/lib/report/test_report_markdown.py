@@ -168,3 +168,18 @@ def test_arm_without_completed_run_has_a_row(builder):
     row = _rows(text)[BIT]
     assert row[5] == "0/1" and row[6] == "—" and row[7] == "—" and row[8] == "—"
     assert f"| `{BIT}-seed1` | interrupted | stopped by SIGTERM |" in text
+
+
+def test_confounded_baseline_pair_is_said_in_the_table_and_the_audit(builder):
+    for seed, q in ((1, 50.0), (2, 51.0)):
+        builder.add(optimizer="adamwspam", method="magnitude", seed=seed, quality=q)
+        builder.add(optimizer="adamwprune", method="bitter7", seed=seed, quality=q - 2.0)
+    text = _text(builder)
+    spam, bit = "gpt2-adamwspam-magnitude-sp0.5-cubic-ramp", "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp"
+    assert _rows(text)[bit][8].endswith("; confounded: differs in optimizer, method")
+    audit = text.split("## Fairness audit", 1)[1].split("\n## ", 1)[0]
+    assert "1 comparisons: 0 fair, 1 with differences or confounded, 0 not audited." in audit
+    assert f"- `{spam}` vs `{bit}` (against the baseline; intended axis: optimizer, method): " \
+           "confounded: differs in 2 axes (optimizer, method)" in audit
+    assert "  - what the axes changed in the runs: optimizer.class: AdamWSPAM vs AdamW" in audit
+    assert "Fair comparisons" not in audit
