@@ -161,6 +161,13 @@ def _incomplete_section(matrix: Matrix) -> list[str]:
             *_table(["run", "status", "error"], rows)]
 
 
+def _damaged_section(matrix: Matrix) -> list[str]:
+    damaged = [r.damaged for r in matrix.runs if r.damaged]
+    if not damaged:
+        return []
+    return ["", "## Files not read in full", "", *[f"- {_cell(d)}" for d in damaged]]
+
+
 def _dropped_section(matrix: Matrix) -> list[str]:
     if not matrix.dropped:
         return []
@@ -275,7 +282,7 @@ def _plots_section(matrix: Matrix, plots: dict[str, Path]) -> list[str]:
 
 def render_report(matrix: Matrix, audit: Audit, plots: dict[str, Path]) -> str:
     """report.md's text; `plots` maps a file name to the written PNG."""
-    lines = (_header(matrix) + _incomplete_section(matrix) + _dropped_section(matrix) + _results_section(matrix, audit)
+    lines = (_header(matrix) + _incomplete_section(matrix) + _damaged_section(matrix) + _dropped_section(matrix) + _results_section(matrix, audit)
              + _statistics_section(matrix, audit) + _audit_section(matrix, audit) + _plots_section(matrix, plots))
     return "\n".join(lines) + "\n"
 
