@@ -238,7 +238,8 @@ def differing_axes(matrix: Matrix, a: Arm, b: Arm) -> tuple[str, ...]:
 
 
 def compared_pairs(matrix: Matrix) -> list[tuple[Arm, Arm, str]]:
-    """(a, b, reason): each arm with its baseline first, then arms one axis apart; each pair once."""
+    """(a, b, reason): each arm with its baseline first, then arms one axis apart, then (in a report over
+    several matrices) the same arm in two matrices; each pair once."""
     pairs: list[tuple[Arm, Arm, str]] = []
     seen: set[frozenset[str]] = set()
     for arm in matrix.arms:
@@ -248,9 +249,13 @@ def compared_pairs(matrix: Matrix) -> list[tuple[Arm, Arm, str]]:
             pairs.append((base, arm, "baseline"))
     for a, b in combinations(matrix.arms, 2):
         axes = differing_axes(matrix, a, b)
-        if len(axes) == 1 and axes[0] != "model" and frozenset((a.id, b.id)) not in seen:
-            seen.add(frozenset((a.id, b.id)))
+        if frozenset((a.id, b.id)) in seen:
+            continue
+        if len(axes) == 1 and axes[0] != "model":
             pairs.append((a, b, "one axis"))
+        elif not axes:  # only arms of two matrices have the same axes
+            pairs.append((a, b, "same arm"))
+        seen.add(frozenset((a.id, b.id)))
     return pairs
 
 

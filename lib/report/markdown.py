@@ -139,6 +139,8 @@ def _header(matrix: Matrix) -> list[str]:
     not_complete = ", ".join(f"{n} {s}" for s, n in counts.items())
     lines = [f"# Test matrix report: {matrix.name}", "",
              f"- Directory: `{matrix.path}`",
+             *([f"- Compares the matrices: {', '.join(f'`{p}`' for p in matrix.sources)}; an arm's id starts with "
+                "the name of its matrix, its label in the plots ends with it in brackets"] if matrix.sources else []),
              f"- Created: {plan.get('created', 'unknown')}" + (f" (plan hash `{plan['plan_hash']}`)"
                                                                   if plan.get("plan_hash") else ""),
              f"- Models: {', '.join(models)}",
@@ -235,7 +237,8 @@ def _statistics_section(matrix: Matrix, audit: Audit) -> list[str]:
 
 def _comparison_line(matrix: Matrix, c: Comparison) -> str:
     intended = ", ".join(c.axes) or "none"
-    why = "against the baseline" if c.reason == "baseline" else "one axis apart"
+    why = {"baseline": "against the baseline", "one axis": "one axis apart",
+           "same arm": "the same arm in two matrices"}.get(c.reason, c.reason)
     return f"- `{c.a}` vs `{c.b}` ({why}; intended axis: {intended}): {c.verdict}"
 
 

@@ -96,6 +96,7 @@ class Arm:
     id: str
     axes: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
+    source: str | None = None  # the matrix it came from, when a report compares several
 
     @property
     def complete_runs(self) -> list[Run]:
@@ -155,6 +156,7 @@ class Matrix:
     plan: dict
     arms: list[Arm]
     unplanned: list[str] = field(default_factory=list)  # run directories the plan does not name
+    sources: list[Path] = field(default_factory=list)  # the matrix directories a comparison report reads
 
     @property
     def name(self) -> str:
