@@ -12,7 +12,7 @@ KCONFIG := $(PY) -m scripts.kconfig
 DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 
 .PHONY: help install train resume demo test clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix plots data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
+        list-defconfigs check-config command schedule test-matrix plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -31,6 +31,7 @@ help:
 	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir>"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
+	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
 	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2)"
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
 	@echo "  data-gpt2          prepare GPT-2 tokens: DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]"
@@ -92,6 +93,10 @@ bench-train: $(STAMP)
 
 plots: $(STAMP)
 	@$(PY) -m scripts.plots --results '$(RESULTS)'
+
+# RESULTS reaches the program through the environment (make exports command-line variables), never a shell line.
+compare: $(STAMP)
+	@$(PY) -m scripts.compare
 
 train: $(STAMP)
 	@$(KCONFIG) train --set '$(SET)'

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 # The fixture builder lives with the report tests; conftest fixtures do not reach this directory, the class does.
 from tests.lib.report.conftest import MatrixBuilder
@@ -53,3 +56,62 @@ def test_bad_input_exits_2_with_the_message(tmp_path):
     assert "Traceback" not in result.stderr
     result = _run("--output-root", str(tmp_path))
     assert result.returncode == 2 and "no matrix directory under" in result.stderr
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_looks_where_output_dir_in_config_points(tmp_path):
+    """make test-matrix wrote to OUTPUT_DIR=out; an older-named but newer matrix in results/ is not it."""
+    made = subprocess.run([sys.executable, "-m", "scripts.kconfig", "defconfig", "demo", "--set", "OUTPUT_DIR=out"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    _matrix(tmp_path / "results", stamp="20261122-090000")
+    written = _matrix(tmp_path / "out", stamp="20261121-090000")
+    result = subprocess.run([sys.executable, "-m", "scripts.plots"], cwd=tmp_path, env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"matrix: {written.relative_to(tmp_path)}"
+    assert (written / "report.md").is_file()
+    assert not list((tmp_path / "results").glob("*/report.md"))
+
+
+def test_damaged_metrics_are_one_warning_and_the_report_goes_on(tmp_path):
+    matrix = _matrix(tmp_path / "results")
+    damaged = matrix / "runs" / "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-seed1337" / "metrics.jsonl"
+    lines = damaged.read_bytes().split(b"\n")
+    lines[3] = b"\xff\xfe garbage \x80"
+    damaged.write_bytes(b"\n".join(lines))
+    result = _run("--results", str(matrix))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    [warning] = result.stderr.strip().splitlines()
+    assert warning.startswith(f"warning: {damaged}: line 4 not readable")
+    assert f"make test-matrix RESULTS={matrix}" in warning
+    report = (matrix / "report.md").read_text()
+    assert "## Files not read in full" in report and str(damaged) in report
+    assert "| `gpt2-adamwprune-bitter7-sp0.5-cubic-ramp` | bitter7 |" in report  # the arm is still reported
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"{not json", b"[1, 2]"])
+def test_garbage_summary_leaves_that_run_out(tmp_path, content):
+    matrix = _matrix(tmp_path / "results")
+    bad = matrix / "runs" / "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-seed1337" / "summary.json"
+    bad.write_bytes(content)
+    result = _run("--results", str(matrix))
+    assert result.returncode == 0, result.stderr
+    [warning] = result.stderr.strip().splitlines()
+    assert warning.startswith(f"warning: {bad}: summary.json ") and "the run is left out" in warning
+    report = (matrix / "report.md").read_text()
+    assert "| `gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-seed1337` | unreadable |" in report
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"{not json"])
+def test_garbage_plan_is_one_error_line(tmp_path, content):
+    matrix = _matrix(tmp_path / "results")
+    (matrix / "plan.json").write_bytes(content)
+    result = _run("--results", str(matrix))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {matrix / 'plan.json'}: plan.json is not ") and "make test-matrix" in line

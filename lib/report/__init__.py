@@ -1,6 +1,7 @@
-"""`make plots`: read a test-matrix directory and write its plots, report.md and fairness audit.
+"""`make plots` and `make compare`: read test-matrix directories and write plots, report.md and a fairness audit.
 
-runs.py loads the directory into typed records, stats.py and curves.py
+runs.py loads a directory into typed records (compare.py joins several),
+stats.py (means, Student-t intervals, paired differences) and curves.py
 aggregate over seeds, plots.py draws, audit.py checks that compared arms
 differ only in their intended axis, markdown.py writes report.md and
 build.py ties them together.

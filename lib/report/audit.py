@@ -4,9 +4,16 @@ Compared pairs are every arm with its baseline (lib.report.baseline) and
 every two arms that differ in exactly one plan axis other than the model
 (different models are never compared with each other). For each pair, the
 completed runs' effective settings and what the runs really did (schedule
-with its update frequency, adaptive warp, iterations, optimizer as built,
-dataset, model size, seeds) are compared; every difference the intended
-axes do not explain is reported.
+with its update frequency, adaptive warp, iterations, optimizer as built —
+class, base and every hyper-parameter, SPAM's included —, dataset, model
+size, seeds) are compared; every difference the intended axes do not
+explain is reported.
+
+A pair whose arms differ in more than one plan axis (an arm and a baseline
+that also has another optimizer, say) is confounded: its difference in
+quality cannot be put down to any one axis, so it is never called fair, and
+what each axis really changed (AdamWSPAM vs plain AdamW, not only the
+optimizer's name) is listed with it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ MIRRORS = {"schedule": "schedule.kind", "schedule_start": "schedule.start", "sch
            "target_sparsity": "target_sparsity", "max_iters": "iterations", "optimizer": "optimizer.name",
            "adamwprune_base": "optimizer.base", "weight_decay": "optimizer.weight_decay",
            "beta1": "optimizer.betas", "beta2": "optimizer.betas", "adam_eps": "optimizer.eps",
-           "amsgrad": "optimizer.amsgrad", "sgd_momentum": "optimizer.momentum"}
+           "amsgrad": "optimizer.amsgrad", "sgd_momentum": "optimizer.momentum",
+           "spam_theta": "optimizer.theta", "spam_interval": "optimizer.interval",
+           "spam_warmup": "optimizer.warmup"}
+# Settings that only one optimizer reads: another optimizer leaves them unset (null), by design.
+OPTIMIZER_SETTINGS = tuple(f"settings.{k}" for k, v in MIRRORS.items() if v.startswith("optimizer."))
 # What each known axis legitimately changes; any other axis changes settings.<axis> and <axis>.*.
 AXIS_KEYS = {
     "method": ("settings.pruning_method", "settings.state_variant", "pruning_method", "variant"),
@@ -69,17 +80,28 @@ class Comparison:
     reason: str  # "baseline" or "one axis"
     differences: list[Difference] = field(default_factory=list)
     skipped: str | None = None  # why the pair could not be audited
+    # What the intended axes really changed in the runs (e.g. optimizer.class: AdamWSPAM vs AdamW).
+    intended: list[Difference] = field(default_factory=list)
+
+    @property
+    def confounded(self) -> bool:
+        """More than one axis differs: no difference in quality can be put down to one of them."""
+        return len(self.axes) > 1
 
     @property
     def fair(self) -> bool:
-        return self.skipped is None and not self.differences
+        return self.skipped is None and not self.differences and not self.confounded
 
     @property
     def verdict(self) -> str:
         if self.skipped:
             return f"not audited: {self.skipped}"
         n = len(self.differences)
-        return "fair" if n == 0 else f"{n} difference{'s' if n > 1 else ''}"
+        found = f"{n} difference{'s' if n > 1 else ''}" if n else ""
+        if self.confounded:
+            return f"confounded: differs in {len(self.axes)} axes ({', '.join(self.axes)})" + \
+                (f" and {found} besides" if found else "")
+        return found or "fair"
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,8 @@ class Audit:
 
     @property
     def unfair(self) -> list[Comparison]:
-        return [c for c in self.comparisons if c.differences]
+        """Pairs with a difference besides their intended axis, or with more than one intended axis."""
+        return [c for c in self.comparisons if c.differences or (c.confounded and not c.skipped)]
 
 
 def _canon(value: Any) -> str:
@@ -169,8 +192,8 @@ def _legitimate(key: str, axes: tuple[str, ...], dense: bool, only_one_side: boo
                 return True
         elif key in (f"settings.{axis}", axis) or key.startswith(f"{axis}."):  # an axis this table does not know
             return True
-        # Another optimizer has other hyper-parameters (momentum vs betas); shared ones must agree.
-        if axis == "optimizer" and only_one_side and key.startswith("optimizer."):
+        # Another optimizer has other hyper-parameters (momentum vs betas, SPAM's theta); shared ones must agree.
+        if axis == "optimizer" and only_one_side and (key.startswith("optimizer.") or key in OPTIMIZER_SETTINGS):
             return True
     return dense and any(key == k or key.startswith(f"{k}.") for k in DENSE_KEYS)
 
@@ -189,9 +212,13 @@ def compare_arms(a: Arm, b: Arm, axes: tuple[str, ...], reason: str) -> Comparis
         va, vb = sorted(fa.get(key, {ABSENT: []})), sorted(fb.get(key, {ABSENT: []}))
         if va == vb:
             continue
-        if _legitimate(key, axes, dense, ABSENT in va or ABSENT in vb):
+        difference = Difference(key, _shown_set(va), _shown_set(vb))
+        one_side = any(v in (ABSENT, "null") for v in va + vb)  # set in one arm, absent or unset in the other
+        if _legitimate(key, axes, dense, one_side):
+            if not key.startswith("settings."):  # what ran, not what was asked for
+                comparison.intended.append(difference)
             continue
-        found[key] = Difference(key, _shown_set(va), _shown_set(vb))
+        found[key] = difference
     for setting, fact in MIRRORS.items():
         key = f"settings.{setting}"
         if key in found and fact in found:  # the setting explains the fact: one line
@@ -211,7 +238,8 @@ def differing_axes(matrix: Matrix, a: Arm, b: Arm) -> tuple[str, ...]:
 
 
 def compared_pairs(matrix: Matrix) -> list[tuple[Arm, Arm, str]]:
-    """(a, b, reason): each arm with its baseline first, then arms one axis apart; each pair once."""
+    """(a, b, reason): each arm with its baseline first, then arms one axis apart, then (in a report over
+    several matrices) the same arm in two matrices; each pair once."""
     pairs: list[tuple[Arm, Arm, str]] = []
     seen: set[frozenset[str]] = set()
     for arm in matrix.arms:
@@ -221,9 +249,13 @@ def compared_pairs(matrix: Matrix) -> list[tuple[Arm, Arm, str]]:
             pairs.append((base, arm, "baseline"))
     for a, b in combinations(matrix.arms, 2):
         axes = differing_axes(matrix, a, b)
-        if len(axes) == 1 and axes[0] != "model" and frozenset((a.id, b.id)) not in seen:
-            seen.add(frozenset((a.id, b.id)))
+        if frozenset((a.id, b.id)) in seen:
+            continue
+        if len(axes) == 1 and axes[0] != "model":
             pairs.append((a, b, "one axis"))
+        elif not axes:  # only arms of two matrices have the same axes
+            pairs.append((a, b, "same arm"))
+        seen.add(frozenset((a.id, b.id)))
     return pairs
 
 

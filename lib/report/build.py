@@ -26,7 +26,11 @@ def build_report(matrix_dir: Path) -> Report:
 
     Raises KpruneError for a missing directory or plan.json, or when no run has completed.
     """
-    matrix = load_matrix(Path(matrix_dir))
+    return report_for(load_matrix(Path(matrix_dir)))
+
+
+def report_for(matrix: Matrix) -> Report:
+    """Draw `matrix`'s plots into `<matrix.path>/plots/`, audit it and write `<matrix.path>/report.md`."""
     plots = write_plots(matrix)
     audit = audit_matrix(matrix)
     return Report(matrix=matrix, audit=audit, plots=plots, report=write_report(matrix, audit, plots))

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from lib.report.runs import Run
-from lib.report.stats import spread
+from lib.report.stats import estimate, spread
 
 
 @dataclass(frozen=True)
@@ -43,4 +43,33 @@ def arm_curve(runs: list[Run], key: str) -> Curve | None:
         curve.low.append(s.low)
         curve.high.append(s.high)
         curve.n.append(s.n)
+    return curve
+
+
+@dataclass(frozen=True)
+class DifferenceCurve:
+    """Arm minus baseline by step, paired by seed: mean, 95% interval (NaN where one pair) and pairs per step."""
+
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    n: list[int]
+
+
+def paired_curve(runs: list[Run], base_runs: list[Run], key: str) -> DifferenceCurve | None:
+    """`key` of each run minus its baseline run with the same seed, by step; None when no step pairs up."""
+    base = {r.seed: _by_step(r, key) for r in base_runs}
+    pairs = [(_by_step(r, key), base[r.seed]) for r in runs if r.seed in base]
+    steps = sorted({step for mine, theirs in pairs for step in mine if step in theirs})
+    if not steps:
+        return None
+    curve = DifferenceCurve([], [], [], [], [])
+    for step in steps:
+        e = estimate([mine[step] - theirs[step] for mine, theirs in pairs if step in mine and step in theirs])
+        curve.steps.append(step)
+        curve.mean.append(e.mean)
+        curve.low.append(e.low if e.has_interval else math.nan)
+        curve.high.append(e.high if e.has_interval else math.nan)
+        curve.n.append(e.n)
     return curve

@@ -26,8 +26,8 @@ def format_axis(name: str, value: Any) -> str:
 def arm_label(matrix: Matrix, arm: Arm, leave_out: tuple[str, ...] = ()) -> str:
     """The arm by the axes that tell it from the other arms (e.g. "bitter7" or "adamw bitter7 sp0.7")."""
     axes = [a for a in varying_axes(matrix.arms, matrix.axis_names) if a not in leave_out]
-    label = " ".join(format_axis(a, arm.axes.get(a)) for a in axes)
-    return label or arm.method
+    label = " ".join(format_axis(a, arm.axes.get(a)) for a in axes) or arm.method
+    return f"{label} [{arm.source}]" if arm.source else label
 
 
 def arm_colors(matrix: Matrix) -> dict[str, Any]:

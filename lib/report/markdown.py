@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,12 @@ from lib.report.audit import Audit, Comparison
 from lib.report.baseline import CONTEXT_AXES, baseline_for
 from lib.report.labels import arm_label, format_axis
 from lib.report.runs import Arm, Matrix, status_counts
-from lib.report.stats import Spread, spread
+from lib.report.stats import ONE_SEED, Estimate, Paired, Spread, estimate, paired, spread, verdict
 from lib.results import write_text_atomic
 
 MIB = 2 ** 20
-LOWER_IS_BETTER = {"val_ppl": True, "val_accuracy": False}
-DECIMALS = {"val_ppl": 2, "val_accuracy": 4}
+LOWER_IS_BETTER = {"val_ppl": True, "val_loss": True, "val_accuracy": False}
+DECIMALS = {"val_ppl": 2, "val_loss": 4, "val_accuracy": 4}
 PLOT_TITLES = {"loss.png": "Training loss", "validation.png": "Validation quality",
                "sparsity.png": "Target vs achieved sparsity", "quality_vs_sparsity.png": "Final quality vs sparsity",
                "memory.png": "Memory by kind", "throughput.png": "Throughput"}
@@ -26,9 +27,10 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
-def format_quality(value: float, key: str | None) -> str:
+def format_quality(value: float, key: str | None, signed: bool = False) -> str:
     places = DECIMALS.get(key or "")
-    return f"{value:.{places}f}" if places is not None else f"{value:.4g}"
+    sign = "+" if signed else ""
+    return f"{value:{sign}.{places}f}" if places is not None else f"{value:{sign}.4g}"
 
 
 def format_spread(s: Spread | None, key: str | None) -> str:
@@ -40,39 +42,62 @@ def format_spread(s: Spread | None, key: str | None) -> str:
     return f"{format_quality(s.mean, key)} ± {format_quality(s.std, key)}"
 
 
+def format_interval(e: Estimate | None, key: str | None, signed: bool = False) -> str:
+    """'[44.90, 45.72]', the 95% interval; one value has none and says so."""
+    if e is None:
+        return "—"
+    if not e.has_interval:
+        return ONE_SEED
+    return f"[{format_quality(e.low, key, signed)}, {format_quality(e.high, key, signed)}]"
+
+
 def quality_spread(arm: Arm) -> Spread | None:
     return spread([r.quality for r in arm.complete_runs])
 
 
-def format_delta(value: float, base: float, key: str | None) -> str:
-    """'-1.23 (-2.7%, better)': arm minus baseline, judged by the metric's direction."""
-    diff = value - base
-    places = DECIMALS.get(key or "")
-    shown = f"{diff:+.{places}f}" if places is not None else f"{diff:+.4g}"
-    notes = [f"{100 * diff / base:+.1f}%"] if base else []
-    lower = LOWER_IS_BETTER.get(key or "")
-    if diff == 0:
-        notes.append("same")
-    elif lower is not None:
-        notes.append("better" if (diff < 0) == lower else "worse")
-    return f"{shown} ({', '.join(notes)})" if notes else shown
+def quality_by_seed(arm: Arm) -> dict:
+    return {r.seed: r.quality for r in arm.complete_runs if r.quality is not None}
 
 
-def _delta_cell(matrix: Matrix, arm: Arm) -> str:
+def paired_with_baseline(arm: Arm, base: Arm) -> Paired:
+    return paired(quality_by_seed(arm), quality_by_seed(base))
+
+
+def format_delta(p: Paired, base: Arm, key: str | None) -> str:
+    """'-1.23 [-1.60, -0.86] (-2.7%, better)': arm minus baseline paired by seed, its interval and verdict."""
+    d = p.difference
+    if d is None:
+        return "— (no seed in common)"
+    shown = format_quality(d.mean, key, signed=True)
+    if d.has_interval:
+        shown += " " + format_interval(d, key, signed=True)
+    base_mean = statistics.fmean(quality_by_seed(base)[s] for s in p.seeds)
+    notes = [f"{100 * d.mean / base_mean:+.1f}%"] if base_mean else []
+    notes.append(verdict(d, LOWER_IS_BETTER.get(key or "")))
+    return f"{shown} ({', '.join(notes)})"
+
+
+def _delta_cell(matrix: Matrix, arm: Arm, audit: Audit) -> str:
     base = baseline_for(matrix, arm)
     if base is arm:
         if arm is matrix.baseline:
             return "baseline"
         return "baseline at " + " ".join(format_axis(k, arm.axes.get(k)) for k in CONTEXT_AXES if k in arm.axes)
-    if base is None or arm.quality_key != base.quality_key:
+    if base is None or arm.quality_key != base.quality_key or not arm.complete_runs or not base.complete_runs:
         return "—"
-    mine, theirs = quality_spread(arm), quality_spread(base)
-    if mine is None or theirs is None:
-        return "—"
-    text = format_delta(mine.mean, theirs.mean, arm.quality_key)
+    text = format_delta(paired_with_baseline(arm, base), base, arm.quality_key)
     if base is not matrix.baseline:
         text += f" vs {arm_label(matrix, base)}"
+    confounded = _confounded(audit, base, arm)
+    if confounded:
+        text += f"; confounded: differs in {confounded}"
     return text
+
+
+def _confounded(audit: Audit, base: Arm, arm: Arm) -> str:
+    """The other axes on which `arm` differs from its baseline (empty when only one does)."""
+    c = next((c for c in audit.comparisons if {c.a, c.b} == {base.id, arm.id}), None)
+    return ", ".join(c.axes) if c is not None and c.confounded else ""
 
 
 def _mean(arm: Arm, key: str) -> float | None:
@@ -80,16 +105,17 @@ def _mean(arm: Arm, key: str) -> float | None:
     return None if s is None else s.mean
 
 
-def _arm_row(matrix: Matrix, arm: Arm, mixed: bool) -> list[str]:
+def _arm_row(matrix: Matrix, arm: Arm, mixed: bool, audit: Audit) -> list[str]:
     q = quality_spread(arm)
     quality = format_spread(q, arm.quality_key) + (f" {arm.quality_key}" if mixed and q else "")
+    interval = format_interval(estimate([r.quality for r in arm.complete_runs]), arm.quality_key)
     sparsity = _mean(arm, "final_sparsity")
     throughput = _mean(arm, "throughput")
     totals = spread([((r.summary or {}).get("memory") or {}).get("total") for r in arm.complete_runs])
     iterations = sorted({(r.summary or {}).get("iterations") for r in arm.complete_runs} - {None})
     target = arm.target_sparsity
     return [f"`{arm.id}`", arm.method, arm.optimizer, "—" if target is None else f"{target:g}", arm.schedule,
-            f"{len(arm.complete_runs)}/{len(arm.runs)}", quality, _delta_cell(matrix, arm),
+            f"{len(arm.complete_runs)}/{len(arm.runs)}", quality, interval, _delta_cell(matrix, arm, audit),
             "—" if sparsity is None else f"{sparsity:.4f}",
             "—" if throughput is None else f"{throughput:,.0f} {arm.summary_value('throughput_unit') or ''}".strip(),
             "—" if totals is None else f"{totals.mean / MIB:.2f}",
@@ -113,6 +139,8 @@ def _header(matrix: Matrix) -> list[str]:
     not_complete = ", ".join(f"{n} {s}" for s, n in counts.items())
     lines = [f"# Test matrix report: {matrix.name}", "",
              f"- Directory: `{matrix.path}`",
+             *([f"- Compares the matrices: {', '.join(f'`{p}`' for p in matrix.sources)}; an arm's id starts with "
+                "the name of its matrix, its label in the plots ends with it in brackets"] if matrix.sources else []),
              f"- Created: {plan.get('created', 'unknown')}" + (f" (plan hash `{plan['plan_hash']}`)"
                                                                   if plan.get("plan_hash") else ""),
              f"- Models: {', '.join(models)}",
@@ -135,6 +163,13 @@ def _incomplete_section(matrix: Matrix) -> list[str]:
             *_table(["run", "status", "error"], rows)]
 
 
+def _damaged_section(matrix: Matrix) -> list[str]:
+    damaged = [r.damaged for r in matrix.runs if r.damaged]
+    if not damaged:
+        return []
+    return ["", "## Files not read in full", "", *[f"- {_cell(d)}" for d in damaged]]
+
+
 def _dropped_section(matrix: Matrix) -> list[str]:
     if not matrix.dropped:
         return []
@@ -148,26 +183,62 @@ def _dropped_section(matrix: Matrix) -> list[str]:
             *_table(["combination", "reason"], rows)]
 
 
-def _results_section(matrix: Matrix) -> list[str]:
+def _results_section(matrix: Matrix, audit: Audit) -> list[str]:
     keys = {a.quality_key for a in matrix.arms if a.complete_runs}
     mixed = len(keys) > 1
     quality = "final quality" if mixed or not keys else f"final {next(iter(keys))}"
     header = ["arm", "method", "optimizer", "target sparsity", "schedule", "seeds (n)", f"{quality} (mean ± std)",
-              "Δ vs baseline", "final sparsity (mean)", "throughput (mean)", "memory total (MiB)", "iterations"]
+              "95% CI", "Δ vs baseline (paired, 95% CI)", "final sparsity (mean)", "throughput (mean)",
+              "memory total (MiB)", "iterations"]
     directions = "; ".join(f"{k}: {'lower' if low else 'higher'} is better, so a "
                            f"{'negative' if low else 'positive'} Δ is an improvement"
                            for k, low in LOWER_IS_BETTER.items() if k in keys)
     return ["", "## Results by arm", "",
             "Means are over each arm's completed seeds (seeds = completed/planned); ± is the sample "
-            "standard deviation (n − 1). Δ is the arm's mean minus the baseline's, absolute and relative "
-            f"({directions or 'no known direction for this metric'}). An arm of another model or target "
-            "sparsity is compared with the arm that has the baseline's settings there, named after \"vs\".", "",
-            *_table(header, [_arm_row(matrix, a, mixed) for a in matrix.arms])]
+            "standard deviation (n − 1) and 95% CI the Student-t confidence interval of the mean. Δ is the arm "
+            "minus the baseline seed by seed, averaged over the seeds both completed, with its 95% interval and "
+            "the relative change; \"better\" or \"worse\" only when the interval excludes 0, else \"not "
+            f"significant\" ({directions or 'no known direction for this metric'}). An arm of another model or "
+            "target sparsity is compared with the arm that has the baseline's settings there, named after \"vs\".",
+            "", *_table(header, [_arm_row(matrix, a, mixed, audit) for a in matrix.arms])]
+
+
+def _statistics_section(matrix: Matrix, audit: Audit) -> list[str]:
+    rows = []
+    for arm in matrix.arms:
+        base = baseline_for(matrix, arm)
+        if base is None or base is arm or arm.quality_key != base.quality_key:
+            continue
+        if not arm.complete_runs or not base.complete_runs:
+            continue
+        key = arm.quality_key
+        p = paired_with_baseline(arm, base)
+        d = p.difference
+        unpaired = [f"{', '.join(map(str, seeds))} only in {who}" for seeds, who in
+                    ((p.only_arm, "the arm"), (p.only_base, "the baseline")) if seeds]
+        note = verdict(d, LOWER_IS_BETTER.get(key or ""))
+        confounded = _confounded(audit, base, arm)
+        if confounded:
+            note += f"; confounded: differs in {confounded}"
+        rows.append([f"`{arm.id}`", f"`{base.id}`", str(len(p.seeds)),
+                     "—" if d is None else format_quality(d.mean, key, signed=True),
+                     "—" if d is None or not d.has_interval else format_quality(d.std, key),
+                     format_interval(d, key, signed=True), note, "; ".join(unpaired) or "none"])
+    if not rows:
+        return []
+    return ["", "## Paired differences against the baseline", "",
+            "Seeds share their data order and initialisation, so each seed's arm − baseline difference removes "
+            "the spread the two share. Mean, standard deviation and Student-t 95% interval of those differences; "
+            "\"not significant\" when the interval contains 0. Seeds that completed on one side only are left "
+            "out of the pairing and named.", "",
+            *_table(["arm", "baseline", "paired seeds", "Δ mean", "Δ std", "95% CI", "verdict", "seeds not paired"],
+                    rows)]
 
 
 def _comparison_line(matrix: Matrix, c: Comparison) -> str:
     intended = ", ".join(c.axes) or "none"
-    why = "against the baseline" if c.reason == "baseline" else "one axis apart"
+    why = {"baseline": "against the baseline", "one axis": "one axis apart",
+           "same arm": "the same arm in two matrices"}.get(c.reason, c.reason)
     return f"- `{c.a}` vs `{c.b}` ({why}; intended axis: {intended}): {c.verdict}"
 
 
@@ -177,14 +248,18 @@ def _audit_section(matrix: Matrix, audit: Audit) -> list[str]:
     lines = ["", "## Fairness audit", "",
              "Compared arms must differ only in their intended axis. Each pair's completed runs are compared on "
              "their effective settings and on what they really ran: schedule (with update frequency and adaptive "
-             "warp), iterations, optimizer hyper-parameters, seeds, dataset and model size.", "",
-             f"{len(audit.comparisons)} comparisons: {len(fair)} fair, {len(audit.unfair)} with differences, "
-             f"{len(skipped)} not audited."]
+             "warp), iterations, the optimizer as built (class, base and every hyper-parameter, SPAM's "
+             "included), seeds, dataset and model size. A pair that differs in more than one axis is confounded: "
+             "its difference in quality belongs to no single axis.", "",
+             f"{len(audit.comparisons)} comparisons: {len(fair)} fair, {len(audit.unfair)} with differences "
+             f"or confounded, {len(skipped)} not audited."]
     if audit.unfair:
         lines += ["", "### Differences besides the intended axis", ""]
         for c in audit.unfair:
             lines.append(_comparison_line(matrix, c))
             lines += [f"  - {d}" for d in c.differences]
+            if c.confounded:
+                lines += [f"  - what the axes changed in the runs: {d}" for d in c.intended]
     if audit.inconsistencies:
         lines += ["", "### Seeds of one arm that ran differently", ""]
         lines += [f"- `{i.arm}`: {i}" for i in audit.inconsistencies]
@@ -210,8 +285,8 @@ def _plots_section(matrix: Matrix, plots: dict[str, Path]) -> list[str]:
 
 def render_report(matrix: Matrix, audit: Audit, plots: dict[str, Path]) -> str:
     """report.md's text; `plots` maps a file name to the written PNG."""
-    lines = (_header(matrix) + _incomplete_section(matrix) + _dropped_section(matrix) + _results_section(matrix)
-             + _audit_section(matrix, audit) + _plots_section(matrix, plots))
+    lines = (_header(matrix) + _incomplete_section(matrix) + _damaged_section(matrix) + _dropped_section(matrix) + _results_section(matrix, audit)
+             + _statistics_section(matrix, audit) + _audit_section(matrix, audit) + _plots_section(matrix, plots))
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lib.report.curves import arm_curve
+from lib.report.baseline import baseline_for
+from lib.report.curves import arm_curve, paired_curve
 from lib.report.labels import arm_colors, arm_label
 from lib.report.runs import Arm, Matrix
 from lib.report.stats import spread
@@ -75,11 +76,13 @@ def _metric_labels(key: str) -> tuple[str, str, bool]:
     return name.capitalize(), quality_name(key), log
 
 
-def _curves(matrix: Matrix, groups: dict[str, list[Arm]], metric: Callable[[Arm], str], suptitle: str) -> Figure:
-    """One panel per group: `metric` by step for each arm, mean line and min-max band over its seeds."""
+def _curves(matrix: Matrix, groups: dict[str, list[Arm]], metric: Callable[[Arm], str], suptitle: str,
+            panels_per_group: int = 1) -> Figure:
+    """One panel per group (the first of `panels_per_group`, the rest left to the caller): `metric` by step
+    for each arm, mean line and min-max band over its seeds."""
     colors = arm_colors(matrix)
-    fig, axes = _figure(len(groups), 6.4)
-    for ax, arms in zip(axes, groups.values()):
+    fig, axes = _figure(len(groups) * panels_per_group, 6.4)
+    for ax, arms in zip(axes[::panels_per_group], groups.values()):
         key = metric(arms[0])
         title, ylabel, log = _metric_labels(key)
         drawn = False
@@ -110,9 +113,44 @@ def loss_figure(matrix: Matrix) -> Figure:
                    "Training loss by step: mean over seeds, band = min to max")
 
 
+def _difference_panel(ax: Axes, matrix: Matrix, arms: list[Arm]) -> None:
+    """Each arm minus its baseline by step, paired by seed, with the 95% interval as a band."""
+    colors = arm_colors(matrix)
+    key = arms[0].quality_key or "?"
+    name, better, _ = QUALITY.get(key, (key, "", False))
+    drawn = False
+    for arm in arms:
+        base = baseline_for(matrix, arm)
+        if base is None or base is arm or not base.complete_runs or base.quality_key != arm.quality_key:
+            continue
+        curve = paired_curve(arm.complete_runs, base.complete_runs, key)
+        if curve is None:
+            continue
+        label = f"{arm_label(matrix, arm, leave_out=('model',))} − {arm_label(matrix, base, leave_out=('model',))}"
+        ax.plot(curve.steps, curve.mean, color=colors[arm.id], linewidth=1.5, label=f"{label} (pairs={max(curve.n)})")
+        ax.fill_between(curve.steps, curve.low, curve.high, color=colors[arm.id], alpha=0.2, linewidth=0)
+        drawn = True
+    ax.set_title(f"Difference to the baseline, {arms[0].model}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"Δ {name}, arm − baseline" + (f" ({better})" if better else ""))
+    if drawn:
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.legend(fontsize="small")
+        ax.grid(True, alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, "no arm to compare with a baseline", ha="center", va="center", transform=ax.transAxes)
+
+
 def validation_figure(matrix: Matrix) -> Figure:
-    return _curves(matrix, _by_model(matrix, _quality_group), lambda a: a.quality_key or "?",
-                   "Validation quality by step: mean over seeds, band = min to max")
+    """Per model and metric: the curves (band = min to max over seeds), then each arm's paired difference to its
+    baseline by step (band = 95% interval), where two overlapping curves would hide it."""
+    groups = _by_model(matrix, _quality_group)
+    fig = _curves(matrix, groups, lambda a: a.quality_key or "?",
+                  "Validation quality by step: mean over seeds, band = min to max; "
+                  "difference to the baseline paired by seed, band = 95% CI", panels_per_group=2)
+    for ax, arms in zip(fig.axes[1::2], groups.values()):
+        _difference_panel(ax, matrix, arms)
+    return fig
 
 
 def sparsity_figure(matrix: Matrix) -> Figure:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import KpruneError
-from lib.results import read_metrics
 
 AXIS_ORDER = ("model", "optimizer", "method", "target_sparsity", "schedule")
 RUN_FIRST = "run `make test-matrix` first"
@@ -48,6 +47,7 @@ class Run:
     summary: dict | None = None
     metrics: list[dict] = field(default_factory=list)
     problem: str | None = None  # why summary.json could not be used, when it exists but is unreadable
+    damaged: str | None = None  # what was wrong in metrics.jsonl: the rows it could not read were left out
 
     @property
     def status(self) -> str:
@@ -96,6 +96,7 @@ class Arm:
     id: str
     axes: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
+    source: str | None = None  # the matrix it came from, when a report compares several
 
     @property
     def complete_runs(self) -> list[Run]:
@@ -155,6 +156,7 @@ class Matrix:
     plan: dict
     arms: list[Arm]
     unplanned: list[str] = field(default_factory=list)  # run directories the plan does not name
+    sources: list[Path] = field(default_factory=list)  # the matrix directories a comparison report reads
 
     @property
     def name(self) -> str:
@@ -189,15 +191,60 @@ class Matrix:
     def models(self) -> list[str]:
         return list(dict.fromkeys(a.model for a in self.arms))
 
+    @property
+    def problems(self) -> list[str]:
+        """One line per file that could not be read in full, each naming the file and what to do."""
+        return [p for r in self.runs for p in (r.problem, r.damaged) if p]
 
-def _read_json(path: Path, what: str) -> dict:
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in `path`; anything else is one KpruneError naming the file and `fix`."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise KpruneError(f"{path}: {what} is not UTF-8 text (byte {exc.start}); {fix}") from None
     except json.JSONDecodeError as exc:
-        raise KpruneError(f"{path}: {what} is not valid JSON ({exc})") from None
+        raise KpruneError(f"{path}: {what} is not valid JSON ({exc}); {fix}") from None
+    except OSError as exc:
+        raise KpruneError(f"{path}: cannot read {what} ({exc.strerror}); {fix}") from None
     if not isinstance(data, dict):
-        raise KpruneError(f"{path}: {what} should hold a JSON object")
+        raise KpruneError(f"{path}: {what} should hold a JSON object; {fix}")
     return data
+
+
+def _redo(run_dir: Path) -> str:
+    matrix_dir = run_dir.parent.parent
+    return f"to run it again, remove {run_dir} and run `make test-matrix RESULTS={matrix_dir}`"
+
+
+def read_metrics_rows(path: Path) -> tuple[list[dict], str | None]:
+    """metrics.jsonl's rows, and what was wrong with the lines that could not be read (None if nothing was).
+
+    A partial last line is what a killed run leaves: skipped without comment. Any other line that is not
+    UTF-8 JSON holding an object is skipped and named, so one damaged file costs its own rows only.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return [], f"{path}: cannot read it ({exc.strerror}); its curves are left out of the plots"
+    lines = data.split(b"\n")
+    rows, bad = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif number < len(lines):  # the last piece lacks its newline: a partial line, not damage
+            bad.append(number)
+    if not bad:
+        return rows, None
+    shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return rows, (f"{path}: line{'s' if len(bad) > 1 else ''} {shown} not readable (not UTF-8 JSON objects); "
+                  f"left out of the curves, the run's summary still counts; {_redo(Path(path).parent)}")
 
 
 def _load_run(entry: dict, runs_dir: Path) -> Run:
@@ -207,12 +254,12 @@ def _load_run(entry: dict, runs_dir: Path) -> Run:
     summary_path = run.path / "summary.json"
     if summary_path.is_file():
         try:
-            run.summary = _read_json(summary_path, "summary.json")
+            run.summary = _read_json(summary_path, "summary.json", f"the run is left out; {_redo(run.path)}")
         except KpruneError as exc:
             run.problem = str(exc)  # one bad run is reported, not fatal to the report
     metrics_path = run.path / "metrics.jsonl"
     if metrics_path.is_file():
-        run.metrics = read_metrics(metrics_path)
+        run.metrics, run.damaged = read_metrics_rows(metrics_path)
     return run
 
 
@@ -224,7 +271,8 @@ def load_matrix(path: Path, require_complete: bool = True) -> Matrix:
     plan_path = path / "plan.json"
     if not plan_path.is_file():
         raise KpruneError(f"{path} has no plan.json, so it is not a matrix directory; {RUN_FIRST}")
-    plan = _read_json(plan_path, "plan.json")
+    plan = _read_json(plan_path, "plan.json", "the matrix cannot be read without it: restore it from a copy, "
+                      "or run `make test-matrix` for a new matrix")
     entries = plan.get("runs")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
         raise KpruneError(f"{plan_path}: 'runs' should be a list of objects with an 'id'")

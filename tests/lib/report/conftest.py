@@ -88,6 +88,7 @@ class MatrixBuilder:
              "state_variant": method if method.startswith("bitter") else "bitter7",
              "target_sparsity": target_sparsity, "schedule": schedule, "output_dir": str(run_dir),
              **(settings or {})}
+        _inactive_optimizer_settings(s)
         write_text_atomic(run_dir / "command", f"python -m {model}.train --seed {seed}\n")
         write_text_atomic(run_dir / "config", f"CONFIG_SEED={seed}\n")
         rows = _metrics(s, MODELS[model], quality, seed)
@@ -124,6 +125,37 @@ class MatrixBuilder:
     def complete_qualities(self, arm: str) -> list[float]:
         """The final quality of each completed run of `arm`, as written."""
         return [r.quality for r in self.runs if r.arm == arm and r.status == "complete"]
+
+
+OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adamwspam": "AdamWSPAM"}
+
+
+def _base(s: dict) -> str:
+    return s["adamwprune_base"] if s["optimizer"] == "adamwprune" else s["optimizer"]
+
+
+def _inactive_optimizer_settings(s: dict) -> None:
+    """Options the Kconfig hides for this optimizer are recorded as null, as settings_from_kconfig does."""
+    if s["optimizer"] != "adamwprune":
+        s["adamwprune_base"] = None
+    if _base(s) != "adamwspam":
+        s.update(spam_theta=None, spam_interval=None, spam_warmup=None)
+    if s["optimizer"] == "sgd":
+        s.update(beta1=None, beta2=None, adam_eps=None, amsgrad=None)
+    else:
+        s["sgd_momentum"] = None
+
+
+def _optimizer(s: dict) -> dict:
+    """What lib.optim.describe records for these settings."""
+    base = _base(s)
+    out = {"name": s["optimizer"], "class": OPTIMIZER_CLASSES[base], "base": base, "weight_decay": s["weight_decay"]}
+    if base == "sgd":
+        return {**out, "momentum": s["sgd_momentum"]}
+    out.update(betas=[s["beta1"], s["beta2"]], eps=s["adam_eps"], amsgrad=s["amsgrad"])
+    if base == "adamwspam":
+        out.update(theta=s["spam_theta"], interval=s["spam_interval"], warmup=s["spam_warmup"])
+    return out
 
 
 def _metrics(s: dict, model: tuple, quality: float, seed: int) -> list[dict]:
@@ -168,8 +200,7 @@ def _summary(s: dict, model: tuple, method: str, quality: float, status: str, er
     final = s["target_sparsity"] if pruned else 0.0
     out = {
         "status": status, "model": name, "model_family": s["model"], "dataset": dataset,
-        "optimizer": {"name": s["optimizer"], "class": "AdamW", "base": "adamw", "betas": [s["beta1"], s["beta2"]],
-                      "eps": s["adam_eps"], "weight_decay": s["weight_decay"], "amsgrad": s["amsgrad"]},
+        "optimizer": _optimizer(s),
         "pruning_method": s["pruning_method"],
         "variant": s["state_variant"] if s["pruning_method"] == "state" else None,
         "schedule": {"kind": s["schedule"], "start": s["schedule_start"], "end": s["schedule_end"], "initial": 0.0,

@@ -159,3 +159,59 @@ def test_arm_without_completed_run_is_not_audited(builder):
         builder.add(method="bitter7", seed=seed, status="failed", error="boom")
     c = _only(audit_matrix(load_matrix(builder.write())))
     assert not c.fair and c.verdict == f"not audited: no completed run in {BIT}"
+
+
+SPAM_MAG = "gpt2-adamwspam-magnitude-sp0.5-cubic-ramp"
+PRUNE_MAG = "gpt2-adamwprune-magnitude-sp0.5-cubic-ramp"
+PRUNE_BIT = "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp"
+
+
+def _spam_vs_prune(builder):
+    """OPTIMIZER {adamwspam, adamwprune} x {magnitude, bitter7}, ADAMWPRUNE_BASE at its default (adamw);
+    adamwspam/bitter7 is dropped (state pruning needs adamwprune), adamwspam/magnitude is the baseline."""
+    for seed in SEEDS:
+        builder.add(optimizer="adamwspam", method="magnitude", seed=seed)
+        builder.add(optimizer="adamwprune", method="magnitude", seed=seed)
+        builder.add(optimizer="adamwprune", method="bitter7", seed=seed)
+    return audit_matrix(load_matrix(builder.write()))
+
+
+def test_arm_on_another_optimizer_than_its_baseline_is_confounded_not_fair(builder):
+    audit = _spam_vs_prune(builder)
+    c = _only(audit, SPAM_MAG, PRUNE_BIT)
+    assert c.reason == "baseline" and c.axes == ("optimizer", "method")
+    assert c.confounded and not c.fair and c in audit.unfair
+    assert c.verdict == "confounded: differs in 2 axes (optimizer, method)"
+    ran = {str(d) for d in c.intended}  # what AdamWSPAM vs "adamwprune" really meant
+    assert {"optimizer.class: AdamWSPAM vs AdamW", "optimizer.base: adamwspam vs adamw",
+            "optimizer.theta: 5000.0 vs (absent)", "optimizer.interval: 500 vs (absent)",
+            "optimizer.warmup: 150 vs (absent)"} <= ran
+    # One axis apart, each pair is fair: the optimizer axis alone, and the method axis alone.
+    assert _only(audit, SPAM_MAG, PRUNE_MAG).fair and _only(audit, SPAM_MAG, PRUNE_MAG).axes == ("optimizer",)
+    assert _only(audit, PRUNE_MAG, PRUNE_BIT).fair and _only(audit, PRUNE_MAG, PRUNE_BIT).axes == ("method",)
+
+
+def test_spam_hyper_parameters_are_compared(builder):
+    for seed in SEEDS:
+        builder.add(optimizer="adamwspam", method="magnitude", seed=seed)
+        builder.add(optimizer="adamwspam", method="movement", seed=seed,
+                    settings={"spam_theta": 1000.0, "spam_interval": 200})
+    [c] = audit_matrix(load_matrix(builder.write())).comparisons
+    assert {str(d) for d in c.differences} == {
+        "optimizer.theta: 5000.0 vs 1000.0 (setting spam_theta: 5000.0 vs 1000.0)",
+        "optimizer.interval: 500 vs 200 (setting spam_interval: 500 vs 200)"}
+
+
+def test_another_adamwprune_base_on_the_method_axis(builder):
+    """Both arms say adamwprune, but one runs AdamWSPAM underneath: every fact of it is a difference."""
+    for seed in SEEDS:
+        builder.add(method="magnitude", seed=seed, settings={"adamwprune_base": "adamwspam"})
+        builder.add(method="bitter7", seed=seed)
+    c = _only(audit_matrix(load_matrix(builder.write())))
+    assert c.axes == ("method",)
+    assert {str(d) for d in c.differences} == {
+        "optimizer.base: adamwspam vs adamw (setting adamwprune_base: adamwspam vs adamw)",
+        "optimizer.class: AdamWSPAM vs AdamW",
+        "optimizer.theta: 5000.0 vs (absent) (setting spam_theta: 5000.0 vs null)",
+        "optimizer.interval: 500 vs (absent) (setting spam_interval: 500 vs null)",
+        "optimizer.warmup: 150 vs (absent) (setting spam_warmup: 150 vs null)"}

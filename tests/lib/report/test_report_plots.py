@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib.image as mpimg
 import pytest
 
-from lib.report.curves import arm_curve
-from lib.report.plots import FIGURES, write_plots
-from lib.report.runs import load_matrix
+from lib.report.curves import arm_curve, paired_curve
+from lib.report.plots import FIGURES, validation_figure, write_plots
+from lib.report.runs import Run, load_matrix
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED = ["loss.png", "validation.png", "sparsity.png", "quality_vs_sparsity.png", "memory.png", "throughput.png"]
@@ -58,3 +60,34 @@ def test_curve_is_mean_min_max_over_seeds(ab_builder):
     assert curve.mean[i] == pytest.approx(sum(values) / 3)
     assert (curve.low[i], curve.high[i], curve.n[i]) == (min(values), max(values), 3)
     assert arm_curve(runs, "no_such_metric") is None
+
+
+def test_validation_has_a_paired_difference_panel_with_its_interval(builder):
+    for seed, shift in ((1, 0.0), (2, 3.0), (3, -2.0)):
+        builder.add(method="magnitude", seed=seed, quality=50.0 + shift)
+        builder.add(method="bitter7", seed=seed, quality=48.0 + shift + 0.1 * seed)
+    matrix = load_matrix(builder.write())
+    base, arm = matrix.baseline, matrix.arms[1]
+    curve = paired_curve(arm.complete_runs, base.complete_runs, "val_ppl")
+    # At the last step the curves end at the final qualities: differences -1.9, -1.8, -1.7,
+    # mean -1.8, std 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 0.248414.
+    assert curve.steps[-1] == 200 and curve.n[-1] == 3
+    assert curve.mean[-1] == pytest.approx(-1.8)
+    assert (curve.low[-1], curve.high[-1]) == (pytest.approx(-1.8 - 0.248414, abs=1e-6),
+                                               pytest.approx(-1.8 + 0.248414, abs=1e-6))
+    fig = validation_figure(matrix)
+    curves, difference = fig.axes
+    assert difference.get_title() == "Difference to the baseline, gpt2"
+    [line] = [ln for ln in difference.lines if ln.get_label().startswith("bitter7 − magnitude")]
+    assert list(line.get_xdata()) == curve.steps and list(line.get_ydata()) == pytest.approx(curve.mean)
+    [band] = difference.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(min(curve.low)) and max(ys) == pytest.approx(max(curve.high))
+
+
+def test_one_seed_draws_the_difference_without_a_band():
+    runs = [Run(id="a", arm="a", seed=1, axes={}, path=None, metrics=[{"step": 10, "val_ppl": 5.0}])]
+    base = [Run(id="b", arm="b", seed=1, axes={}, path=None, metrics=[{"step": 10, "val_ppl": 6.0}]),
+            Run(id="c", arm="b", seed=2, axes={}, path=None, metrics=[{"step": 10, "val_ppl": 9.0}])]
+    curve = paired_curve(runs, base, "val_ppl")
+    assert curve.mean == [-1.0] and curve.n == [1] and math.isnan(curve.low[0]) and math.isnan(curve.high[0])
