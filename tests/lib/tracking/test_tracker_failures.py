@@ -14,7 +14,7 @@ from lib.results import read_metrics
 from lib.settings import validate
 from lib.tracking import Trackers
 from lib.tracking.tensorboard_tracker import TensorBoardTracker
-from tests.lib.tracking.test_trackers_e2e import assert_tensorboard_holds, tensorboard_scalars
+from tests.lib.tracking.readers import assert_tensorboard_holds, tensorboard_scalars
 
 QUICK = ["--max-iters", "8", "--batch-size", "32", "--eval-interval", "4", "--log-interval", "1",
          "--lr-warmup-iters", "1", "--threads", "1"]
