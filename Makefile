@@ -95,7 +95,7 @@ bench: bench-pruning bench-train
 bench-pruning: $(STAMP)
 	@$(PY) -m bench.pruning
 
-bench-train: $(STAMP)
+bench-train: $(STAMP) install-trackers  # its tracker arm runs W&B, trackio and TensorBoard
 	@$(PY) -m bench.train
 
 plots: $(STAMP)
