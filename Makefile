@@ -11,13 +11,14 @@ STAMP := $(VENV)/.installed
 KCONFIG := $(PY) -m scripts.kconfig
 DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 
-.PHONY: help install train resume demo test clean menuconfig olddefconfig savedefconfig \
+.PHONY: help install install-trackers train resume demo test clean menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config command schedule test-matrix plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
 	@echo "kprune make targets"
 	@echo "  install            create .venv with the pinned requirements (every target does this first)"
+	@echo "  install-trackers   also install the optional trackers (W&B, trackio, TensorBoard): requirements-trackers.txt"
 	@echo "  demo               install, run the demo A/B (bitter7 vs magnitude), plots and report"
 	@echo "  defconfig-<name>   write .config from defconfigs/<name> (make list-defconfigs)"
 	@echo "  menuconfig         edit .config in a terminal menu"
@@ -45,6 +46,13 @@ $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+# Optional: the experiment trackers of the Tracking menu (W&B, trackio, TensorBoard).
+install-trackers: $(VENV)/.trackers-installed
+
+$(VENV)/.trackers-installed: requirements-trackers.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-trackers.txt
 	@touch $@
 
 $(addprefix defconfig-,$(DEFCONFIGS)): defconfig-%: $(STAMP)
@@ -88,7 +96,7 @@ bench: bench-pruning bench-train
 bench-pruning: $(STAMP)
 	@$(PY) -m bench.pruning
 
-bench-train: $(STAMP)
+bench-train: $(STAMP) install-trackers  # its tracker arm runs W&B, trackio and TensorBoard
 	@$(PY) -m bench.train
 
 plots: $(STAMP)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from lib.errors import KpruneError
 
@@ -108,15 +108,23 @@ def claim_run_dir(output_dir: Path, name: str) -> Path:
 
 
 class MetricsLog:
-    """metrics.jsonl, one complete line per row, flushed as written."""
+    """metrics.jsonl, one complete line per row, flushed as written.
 
-    def __init__(self, path: Path):
+    Each sink (e.g. the run's experiment trackers) is then called with the
+    row exactly as the file holds it, so every consumer sees the same rows.
+    """
+
+    def __init__(self, path: Path, sinks: Iterable[Callable[[dict], None]] = ()):
         self.path = Path(path)
+        self.sinks = list(sinks)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+        row = _clean(row)
+        self._f.write(json.dumps(row, sort_keys=True) + "\n")
         self._f.flush()
+        for sink in self.sinks:
+            sink(row)
 
     def close(self) -> None:
         self._f.close()

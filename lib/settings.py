@@ -107,6 +107,16 @@ class Settings:
     resnet_dataset: str = _opt("RESNET_DATASET", models=("resnet",))
     resnet_width: int = _opt("RESNET_WIDTH", models=("resnet",))
     resnet_augment: bool = _opt("RESNET_AUGMENT", models=("resnet",))
+    # Tracking
+    track_wandb: bool = _opt("TRACK_WANDB")
+    track_trackio: bool = _opt("TRACK_TRACKIO")
+    track_tensorboard: bool = _opt("TRACK_TENSORBOARD")
+    track_project: str = _opt("TRACK_PROJECT")
+    track_group: str = _opt("TRACK_GROUP")
+    track_wandb_entity: str = _opt("TRACK_WANDB_ENTITY")
+    track_wandb_mode: str = _opt("TRACK_WANDB_MODE")
+    track_trackio_space: str = _opt("TRACK_TRACKIO_SPACE")
+    track_tensorboard_dir: str = _opt("TRACK_TENSORBOARD_DIR")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +268,8 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
     if s.variant in LAYER_ADAPTIVE_VARIANTS and s.target_sparsity is not None and s.target_sparsity > LAYER_CAP:
         problems.append(("TARGET_SPARSITY", f"{s.target_sparsity:g} is above {LAYER_CAP:g}, the per-layer cap of "
                          f"{s.variant}'s layer-adaptive sparsity"))
+    from lib.tracking import tracker_problems
+    problems += tracker_problems(s)
     if s.pruning_method not in (None, "none"):
         try:
             sched = schedule_from_settings(s)

@@ -36,6 +36,7 @@ from lib.pruning.methods import Observation
 from lib.pruning.pruner import Pruner
 from lib.results import MetricsLog, claim_run_dir, create_run_dir, read_metrics, write_json_atomic, write_text_atomic
 from lib.settings import Settings
+from lib.tracking import start_trackers
 
 
 @dataclass
@@ -102,11 +103,13 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
         write_config(kconfig_from_settings(settings), run_dir / "config")
         write_text_atomic(run_dir / "command", " ".join(_quote(a) for a in command) + "\n")
 
+    trackers = start_trackers(settings, run_dir) if main else None  # W&B / trackio / TensorBoard, if selected
     summary = _base_summary(settings, task, optimizer, pruner, device)
     summary.update({"budget_multiplier": multiplier, "iterations_planned": iterations, "adaptive": adaptive})
     if main:
         write_json_atomic(run_dir / "summary.json", {**summary, "status": "running"})
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if main else _NoMetrics()
+    sinks = [trackers.log_row] if trackers else []
+    metrics = MetricsLog(run_dir / "metrics.jsonl", sinks) if main else _NoMetrics()
     stop = _StopRequest()
     status, exit_code = "complete", 0
     save = functools.partial(_save_checkpoint, run_dir, settings, task, optimizer, pruner, state)
@@ -137,6 +140,8 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
         summary["world_size"] = distributed.world()[1]
         if main:
             write_json_atomic(run_dir / "summary.json", summary)
+            if trackers:
+                trackers.finish(summary)
             if status != "complete":
                 print(f"run {status}: {summary.get('error', '')}", file=sys.stderr)
             print(f"results: {run_dir}", flush=True)

@@ -24,15 +24,15 @@ PRUNING_KEYS = {"params", "mask_update_s", "pruned_count_exact", "dense_step_s",
                 "peak_extra_bytes_per_weight_own_buffer", "threads", "torch"}
 TRAIN_KEYS = {"dense_tokens_per_s", "pruned_tokens_per_s", "bare_tokens_per_s", "pruning_overhead_ratio",
               "framework_ratio", "peer_shape_dense_tokens_per_s", "peer_shape_pruned_tokens_per_s", "threads",
-              "torch"}
+              "torch", "untracked_wall_tokens_per_s", "tracked_wall_tokens_per_s", "tracker_overhead_ratio"}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project (bench/out is written inside it) using the real .venv and data."""
     root = tmp_path_factory.mktemp("bench-project")
-    for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "defconfigs", "lib", "gpt2",
-                 "lenet5", "resnet", "scripts", "bench"]:
+    for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "requirements-trackers.txt",
+                 "defconfigs", "lib", "gpt2", "lenet5", "resnet", "scripts", "bench"]:
         src = REPO_ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
     os.symlink(REPO_ROOT / ".venv", root / ".venv")
@@ -74,6 +74,10 @@ def test_bench_train_prints_every_key(project):
     assert out["pruning_overhead_ratio"] == pytest.approx(out["dense_tokens_per_s"] / out["pruned_tokens_per_s"],
                                                           rel=0.01)
     assert out["framework_ratio"] == pytest.approx(out["dense_tokens_per_s"] / out["bare_tokens_per_s"], rel=0.01)
+    assert out["tracker_overhead_ratio"] == pytest.approx(
+        out["tracked_wall_tokens_per_s"] / out["untracked_wall_tokens_per_s"], rel=0.01)
+    tracked = [d for d in (project / "bench" / "out").iterdir() if (d / "wandb").is_dir()]
+    assert len(tracked) == 1 and (tracked[0] / "tensorboard").is_dir()  # the tracker arm really ran them
 
 
 def test_bench_train_rejects_too_few_steps_before_running_anything(project):

@@ -22,6 +22,7 @@ from pathlib import Path
 from lib.errors import KpruneError
 from lib.matrix.plan import Plan, plan_table
 from lib.results import write_json_atomic, write_text_atomic
+from lib.tracking import ENV_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -133,6 +134,7 @@ class Runner:
             env = dict(os.environ)
             # Runs start where the runner was started (paths in the plan are relative to it).
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+            env[ENV_GROUP] = self.matrix_dir.name  # trackers group a matrix's runs (TRACK_GROUP overrides)
             if self.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
             argv = [sys.executable, "-m", f"{run.model}.train", *_with_threads(run.argv, self.threads)]

@@ -29,6 +29,8 @@ from lib.report.runs import Arm, Matrix
 ABSENT = "(absent)"
 # Settings that differ per run by design, not per arm.
 PER_RUN_SETTINGS = ("output_dir", "run_name", "seed", "threads")
+# Settings that say where a run reports, not what it ran (the trackers): never a difference.
+REPORTING_PREFIXES = ("track_",)
 # Summary keys that say what a run really did, compared next to the settings.
 DERIVED_KEYS = ("model", "params", "prunable_params", "dataset", "train_tokens", "val_tokens", "train_samples",
                 "test_samples", "iterations", "budget_multiplier", "target_sparsity", "device", "torch")
@@ -151,7 +153,7 @@ def run_facts(summary: dict) -> dict[str, str]:
     """What a run ran with, as flat `key -> canonical JSON`: settings.*, optimizer.*, schedule.*, ...."""
     facts: dict[str, str] = {}
     for k, v in (summary.get("settings") or {}).items():
-        if k not in PER_RUN_SETTINGS:
+        if k not in PER_RUN_SETTINGS and not k.startswith(REPORTING_PREFIXES):
             facts[f"settings.{k}"] = _canon(v)
     for k in DERIVED_DICTS:
         if k in summary:

@@ -104,6 +104,12 @@ def test_per_run_settings_are_ignored(builder):
     assert [str(d) for d in c.differences] == ["device: cpu vs cuda"]  # the device kind matters, threads do not
 
 
+def test_tracker_settings_are_not_differences(builder):
+    """Where a run reports (W&B, trackio, TensorBoard) says nothing about what it ran."""
+    c = _only(_ab(builder, {"settings": {"track_tensorboard": True, "track_group": "mine"}}))
+    assert c.differences == [] and c.fair
+
+
 def test_intended_axis_is_not_a_difference(builder):
     """Sparsity sweep: target, schedule.final and the setting differ by design; the frequency does not."""
     for seed in SEEDS:
