@@ -6,7 +6,8 @@ import sys
 from typing import Callable
 
 from lib.errors import KpruneError
-from lib.settings import build_parser, settings_from_namespace, validate
+from lib.kconfig import settings_errors
+from lib.settings import build_parser, settings_from_namespace
 
 
 def trainer_main(model: str, build_task: Callable, argv: list[str] | None, prog: str, description: str) -> int:
@@ -20,9 +21,9 @@ def trainer_main(model: str, build_task: Callable, argv: list[str] | None, prog:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(model, prog=prog, description=description)
     settings = settings_from_namespace(parser.parse_args(argv))
-    problems = validate(settings)
+    problems = settings_errors(settings)  # the very checks `make` ran on .config
     if problems:
-        parser.error("; ".join(f"{symbol}: {msg}" for symbol, msg in problems))
+        parser.error("; ".join(problems))
     try:
         return run(settings, build_task, command=[sys.executable, "-m", f"{model}.train", *argv])
     except KpruneError as exc:
