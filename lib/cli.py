@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -29,3 +30,13 @@ def trainer_main(model: str, build_task: Callable, argv: list[str] | None, prog:
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def make_variable(name: str, default: str | None = None) -> str | None:
+    """The make variable `name` (SET, RESULTS, ...) as the Makefile hands it over, or `default`.
+
+    The Makefile exports each user value as KPRUNE_<name> instead of writing
+    it into a shell command, so it arrives byte for byte; empty means unset.
+    Programs use it as the default of the matching flag.
+    """
+    return os.environ.get(f"KPRUNE_{name}") or default

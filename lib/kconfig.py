@@ -241,6 +241,9 @@ def apply_overrides(kconf: kconfiglib.Kconfig, seen: Assignments, overrides: lis
             errors.append(f"{where}: {name} is set twice in one SET (also as {given[name]}); give it once")
             continue
         given[name] = item
+        if "\n" in value or "\r" in value:  # .config holds one assignment per line
+            errors.append(f"SET {name}=...: the value {value!r} has a line break; give it on one line")
+            continue
         choice = kconf.named_choices.get(name)
         if choice is not None:
             members = choice_values(choice)

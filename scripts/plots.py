@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lib.cli import make_variable
 from lib.errors import KpruneError
 from lib.report.build import build_report
 from lib.report.runs import newest_matrix_dir
@@ -22,7 +23,7 @@ from lib.report.runs import newest_matrix_dir
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=None,
+    parser.add_argument("--results", default=make_variable("RESULTS"),
                         help="the matrix directory (default: the newest under --output-root)")
     parser.add_argument("--output-root", default="results", help="where matrix directories are looked for")
     args = parser.parse_args(argv)
