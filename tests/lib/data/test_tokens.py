@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,48 @@ def test_missing_or_odd_token_file(tmp_path: Path) -> None:
     odd.write_bytes(b"\x00" * 101)
     with pytest.raises(DataError, match=r"odd\.bin.*uint16"):
         TokenBatches(odd, block_size=4)
+
+
+# ------------------------------------------------------------------ the cache is checked, not trusted by size
+
+def _shakespeare_like(tmp_path: Path) -> Path:
+    source = tmp_path / "play.txt"
+    source.write_text(TEXT, encoding="utf-8")
+    return source
+
+
+def test_same_size_other_contents_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _shakespeare_like(tmp_path)
+    first = prepare_tokens(source, tmp_path / "cache")
+    good = first.train_path.read_bytes()
+    first.train_path.write_bytes(good[::-1])  # same size, other tokens
+    capsys.readouterr()
+    again = prepare_tokens(source, tmp_path / "cache")
+    assert again.train_path.read_bytes() == good
+    assert f"{first.train_path} does not hold the tokens its manifest records" in capsys.readouterr().err
+
+
+def test_out_of_range_ids_are_named(tmp_path: Path) -> None:
+    ids = np.array([1, 50256, 60000, 7], dtype="<u2")
+    (tmp_path / "train.bin").write_bytes(ids.tobytes())
+    recorded = {"train.bin": tokens_module.describe_tokens(ids.tobytes())}  # a manifest that vouches for it
+    problem = tokens_module.check_token_files(tmp_path, recorded)
+    assert problem == f"{tmp_path / 'train.bin'} holds token id 60000, outside the GPT-2 vocabulary (ids 0-50256)"
+    ids[2] = 50256
+    (tmp_path / "train.bin").write_bytes(ids.tobytes())
+    assert tokens_module.check_token_files(tmp_path, {"train.bin": tokens_module.describe_tokens(ids.tobytes())}) is None
+
+
+def test_a_verified_file_is_hashed_again_only_when_it_changes(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _shakespeare_like(tmp_path)
+    first = prepare_tokens(source, tmp_path / "cache")
+    scanned = []
+    real_scan = tokens_module._scan
+    monkeypatch.setattr(tokens_module, "_scan", lambda path: scanned.append(path.name) or real_scan(path))
+    prepare_tokens(source, tmp_path / "cache")
+    assert scanned == []  # the stamp written when the cache was built still matches
+    stat = first.val_path.stat()
+    os.utime(first.val_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched, not changed
+    assert prepare_tokens(source, tmp_path / "cache") == first
+    assert scanned == ["val.bin"]
