@@ -217,6 +217,17 @@ def test_a_defconfig_with_hex_or_foreign_digits_is_an_error(tmp_path):
                                f"{path}:3: CONFIG_SEED '\u0663\u0660' is not a decimal integer (digits 0-9 only)")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--max-iters", "0x20"], "--max-iters (Kconfig MAX_ITERS): '0x20' is not a decimal integer"),
+    (["--seed", "\u0663\u0660"], "--seed (Kconfig SEED): '\u0663\u0660' is not a decimal integer"),
+    (["--lr", "\uff10.\uff11"], "--lr (Kconfig LR): '\uff10.\uff11' is not a number (write it with the digits 0-9)"),
+])
+def test_trainer_flags_take_the_numbers_kconfig_takes(flags, expected, capsys):
+    with pytest.raises(SystemExit):
+        build_parser("lenet5", prog="x", description="").parse_args(flags)
+    assert expected in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ one set of rules: make and the trainer
 
 def _trainer_settings(kconf) -> Settings:
