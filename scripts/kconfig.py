@@ -6,8 +6,9 @@
     python -m scripts.kconfig train [--set ...]     # print it, then run it
     python -m scripts.kconfig resume RUN_DIR        # continue an interrupted run
 
-Every command that reads .config applies `--set` overrides first (what
-`make <target> SET="..."` passes), validates the result strictly and writes
+Every command that reads .config applies `--set` overrides first (`make
+<target> SET="..."` hands them over in the environment as KPRUNE_SET, the
+default of --set; RESUME= likewise), validates the result strictly and writes
 .config back atomically, so .config always describes what ran. On any error
 nothing is written and the exit status is 2.
 """
