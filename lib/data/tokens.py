@@ -31,6 +31,7 @@ FORMAT_VERSION = 2  # 2: the manifest records each .bin file's sha256
 TOKEN_DTYPE = np.dtype("<u2")
 GPT2_VOCAB_SIZE = EOT_TOKEN + 1  # end-of-text is the last GPT-2 id
 VERIFIED_STAMP = "verified.json"
+TOKEN_FILES = ("train.bin", "val.bin")  # the files of every token cache
 
 # Aim for chunks of about this many characters when tokenizing in parallel.
 _CHUNK_CHARS = 64 * 1024
@@ -143,13 +144,13 @@ def _scan(path: Path) -> tuple[str, int]:
 def check_token_files(directory: Path, recorded: Any) -> str | None:
     """Why the token files in `directory` are not what the manifest's `recorded` says; None if they are.
 
-    `recorded` maps each file name to {"bytes": n, "sha256": hex}. A file must
-    have that size and hash and hold GPT-2 ids only. Hashing a large corpus
+    `recorded` maps train.bin and val.bin to {"bytes": n, "sha256": hex}. Each
+    file must have that size and hash and hold GPT-2 ids only. Hashing a large corpus
     takes a while, so a file that passed is stamped in verified.json with its
     size, mtime and inode, and not hashed again until one of them changes.
     """
     directory = Path(directory)
-    if not isinstance(recorded, dict) or not recorded or not all(
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(TOKEN_FILES) or not all(
             isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
             for r in recorded.values()):
         return f"{directory}: the manifest does not record the token files' sizes and hashes"

@@ -200,15 +200,26 @@ def test_same_size_other_contents_is_rebuilt(tmp_path: Path, capsys: pytest.Capt
     assert f"{first.train_path} does not hold the tokens its manifest records" in capsys.readouterr().err
 
 
+def _token_dir(directory: Path, train: list[int]) -> dict:
+    """train.bin and val.bin in `directory`, and a manifest entry that vouches for them."""
+    recorded = {}
+    for name, ids in (("train.bin", train), ("val.bin", [5, 6])):
+        data = np.array(ids, dtype="<u2").tobytes()
+        (directory / name).write_bytes(data)
+        recorded[name] = tokens_module.describe_tokens(data)
+    return recorded
+
+
 def test_out_of_range_ids_are_named(tmp_path: Path) -> None:
-    ids = np.array([1, 50256, 60000, 7], dtype="<u2")
-    (tmp_path / "train.bin").write_bytes(ids.tobytes())
-    recorded = {"train.bin": tokens_module.describe_tokens(ids.tobytes())}  # a manifest that vouches for it
-    problem = tokens_module.check_token_files(tmp_path, recorded)
+    problem = tokens_module.check_token_files(tmp_path, _token_dir(tmp_path, [1, 50256, 60000, 7]))
     assert problem == f"{tmp_path / 'train.bin'} holds token id 60000, outside the GPT-2 vocabulary (ids 0-50256)"
-    ids[2] = 50256
-    (tmp_path / "train.bin").write_bytes(ids.tobytes())
-    assert tokens_module.check_token_files(tmp_path, {"train.bin": tokens_module.describe_tokens(ids.tobytes())}) is None
+    assert tokens_module.check_token_files(tmp_path, _token_dir(tmp_path, [1, 50256, 50256, 7])) is None
+
+
+def test_a_manifest_must_vouch_for_both_files(tmp_path: Path) -> None:
+    recorded = _token_dir(tmp_path, [1, 2, 3])
+    del recorded["val.bin"]
+    assert "does not record the token files' sizes and hashes" in tokens_module.check_token_files(tmp_path, recorded)
 
 
 def test_a_verified_file_is_hashed_again_only_when_it_changes(tmp_path: Path,
