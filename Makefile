@@ -11,6 +11,14 @@ STAMP := $(VENV)/.installed
 KCONFIG := $(PY) -m scripts.kconfig
 DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 
+# What users give (SET="...", RESULTS=dir, DATA_PATH=...) reaches the Python
+# programs through the environment, as KPRUNE_<name>, never on a shell command
+# line; $(value ...) keeps make from expanding it as well. So no character of
+# it is syntax to make or to a shell: a quote, $(...), a backquote, a ; or a
+# line break arrives as itself, and the program accepts it or says what is wrong.
+USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD MAX_DOCS
+$(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
+
 .PHONY: help install install-trackers train resume demo test clean menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config command schedule test-matrix plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
@@ -56,7 +64,7 @@ $(VENV)/.trackers-installed: requirements-trackers.txt $(STAMP)
 	@touch $@
 
 $(addprefix defconfig-,$(DEFCONFIGS)): defconfig-%: $(STAMP)
-	@$(KCONFIG) defconfig $* --set '$(SET)'
+	@$(KCONFIG) defconfig $*
 
 list-defconfigs: $(STAMP)
 	@$(KCONFIG) list
@@ -66,30 +74,29 @@ menuconfig: $(STAMP)
 	@$(KCONFIG) check
 
 olddefconfig savedefconfig: $(STAMP)
-	@$(KCONFIG) $@ --set '$(SET)'
+	@$(KCONFIG) $@
 
 check-config: $(STAMP)
-	@$(KCONFIG) check --set '$(SET)'
+	@$(KCONFIG) check
 
 command: $(STAMP)
-	@$(KCONFIG) command --set '$(SET)'
+	@$(KCONFIG) command
 
 schedule: $(STAMP)
-	@$(PY) -m scripts.schedule --set '$(SET)'
+	@$(PY) -m scripts.schedule
 
 test-matrix: $(STAMP)
-	@$(PY) -m scripts.matrix --set '$(SET)' --jobs '$(JOBS)' --results '$(RESULTS)'
+	@$(PY) -m scripts.matrix
 
 data-cifar10 data-cifar100: data-%: $(STAMP)
-	@$(PY) -m scripts.fetch_data $* --data-dir '$(or $(DATA_DIR),data)'
+	@$(PY) -m scripts.fetch_data $*
 
 # DATASET=finewebedu|tinystories|openwebtext|custom, DATA_PATH=<file or folder> for custom.
+# The hub corpora (lib/data/corpora.py HUB_DATASETS) need requirements-hub.txt.
+HUB_DATASETS := finewebedu tinystories openwebtext
 data-gpt2: $(STAMP)
-	@test -n "$(DATASET)" || { echo "usage: make data-gpt2 DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]" >&2; exit 2; }
-	@$(if $(filter-out custom,$(DATASET)),$(PY) -m pip install --quiet -r requirements-hub.txt)
-	@$(PY) -m scripts.prepare_gpt2_data --dataset '$(DATASET)' --data-dir '$(or $(DATA_DIR),data)' \
-		$(if $(DATA_PATH),--data-path '$(DATA_PATH)') $(if $(TEXT_FIELD),--text-field '$(TEXT_FIELD)') \
-		$(if $(MAX_DOCS),--max-docs '$(MAX_DOCS)')
+	@$(if $(filter $(HUB_DATASETS),$(DATASET)),$(PY) -m pip install --quiet -r requirements-hub.txt)
+	@$(PY) -m scripts.prepare_gpt2_data
 
 bench: bench-pruning bench-train
 
@@ -100,22 +107,23 @@ bench-train: $(STAMP) install-trackers  # its tracker arm runs W&B, trackio and 
 	@$(PY) -m bench.train
 
 plots: $(STAMP)
-	@$(PY) -m scripts.plots --results '$(RESULTS)'
+	@$(PY) -m scripts.plots
 
-# RESULTS reaches the program through the environment (make exports command-line variables), never a shell line.
+# RESULTS reaches the program as KPRUNE_RESULTS (see USER_VARIABLES), never on a shell line.
 compare: $(STAMP)
 	@$(PY) -m scripts.compare
 
 train: $(STAMP)
-	@$(KCONFIG) train --set '$(SET)'
+	@$(KCONFIG) train
 
 resume: $(STAMP)
-	@test -n "$(RESUME)" || { echo "usage: make resume RESUME=<run directory>" >&2; exit 2; }
-	@$(KCONFIG) resume '$(RESUME)' --set '$(SET)'
+	@$(KCONFIG) resume
 
+demo: export KPRUNE_JOBS := $(or $(JOBS),2)
+demo: export KPRUNE_RESULTS :=
 demo: $(STAMP)
-	@$(KCONFIG) defconfig demo --set '$(SET)'
-	@$(PY) -m scripts.matrix --jobs '$(or $(JOBS),2)'
+	@$(KCONFIG) defconfig demo
+	@KPRUNE_SET= $(PY) -m scripts.matrix
 	@$(PY) -m scripts.plots
 
 test: $(STAMP)

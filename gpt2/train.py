@@ -15,8 +15,8 @@ import torch
 from gpt2.model import GPT, config_for
 from lib import distributed
 from lib.cli import trainer_main
+from lib.data.corpora import prepared_token_files
 from lib.data.tokens import TokenBatches, prepare_tokens
-from lib.errors import DataError
 from lib.settings import Settings
 from lib.train_loop import Task
 
@@ -48,12 +48,7 @@ def token_files(data_dir: Path, dataset: str) -> tuple[Path, Path]:
     if dataset == "shakespeare":
         prepared = prepare_tokens(data_dir / SHAKESPEARE, data_dir / "prepared" / "shakespeare-gpt2")
         return prepared.train_path, prepared.val_path
-    folder = data_dir / "prepared" / f"{dataset}-gpt2"
-    if not (folder / "manifest.json").exists():
-        hint = " DATA_PATH=<your file or folder>" if dataset == "custom" else ""
-        raise DataError(f"{folder} holds no prepared {dataset} tokens: run `make data-gpt2 DATASET={dataset}{hint}` "
-                        f"first (with DATA_DIR={data_dir})")
-    return folder / "train.bin", folder / "val.bin"
+    return prepared_token_files(data_dir, dataset)
 
 
 def build_model(s: Settings) -> GPT:

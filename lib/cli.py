@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from lib.errors import KpruneError
-from lib.settings import build_parser, settings_from_namespace, validate
+from lib.kconfig import settings_errors
+from lib.settings import build_parser, settings_from_namespace
 
 
 def trainer_main(model: str, build_task: Callable, argv: list[str] | None, prog: str, description: str) -> int:
@@ -20,11 +22,21 @@ def trainer_main(model: str, build_task: Callable, argv: list[str] | None, prog:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(model, prog=prog, description=description)
     settings = settings_from_namespace(parser.parse_args(argv))
-    problems = validate(settings)
+    problems = settings_errors(settings)  # the very checks `make` ran on .config
     if problems:
-        parser.error("; ".join(f"{symbol}: {msg}" for symbol, msg in problems))
+        parser.error("; ".join(problems))
     try:
         return run(settings, build_task, command=[sys.executable, "-m", f"{model}.train", *argv])
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def make_variable(name: str, default: str | None = None) -> str | None:
+    """The make variable `name` (SET, RESULTS, ...) as the Makefile hands it over, or `default`.
+
+    The Makefile exports each user value as KPRUNE_<name> instead of writing
+    it into a shell command, so it arrives byte for byte; empty means unset.
+    Programs use it as the default of the matching flag.
+    """
+    return os.environ.get(f"KPRUNE_{name}") or default

@@ -20,7 +20,7 @@ from typing import Any
 import kconfiglib
 
 from lib.errors import ConfigError
-from lib.settings import BY_SYMBOL, OPTIONS, Settings, options_for, validate
+from lib.settings import BY_SYMBOL, OPTIONS, Settings, options_for, parse_decimal, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _ASSIGN = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
@@ -163,9 +163,9 @@ def _not_taken(kconf: kconfiglib.Kconfig, sym: kconfiglib.Symbol, assigned: str)
         return f"was assigned '{want}' but is '{got}'"
     if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX):
         try:
-            want_n = int(assigned, 0)
-        except ValueError:
-            return f"'{assigned}' is not an integer"
+            want_n = parse_decimal(assigned) if sym.orig_type == kconfiglib.INT else int(assigned, 16)
+        except ValueError as exc:
+            return str(exc) if sym.orig_type == kconfiglib.INT else f"'{assigned}' is not a hex number"
         got = sym.str_value
         if got and int(got, 0) == want_n:
             return None
@@ -206,8 +206,9 @@ def read_config(path: Path, kconf: kconfiglib.Kconfig | None = None) -> tuple[kc
         seen.where[name], seen.value[name] = where, value
     kconf.warnings.clear()
     kconf.load_config(str(path))
+    # Malformed lines, repeats and invalid values are reported above and below, with their line.
     errors += [w.replace("warning: ", "", 1) for w in kconf.warnings
-               if "malformed line" not in w and "set more than once" not in w]
+               if not any(known in w for known in ("malformed line", "set more than once", "is invalid for"))]
     for name, value in seen.value.items():
         reason = _not_taken(kconf, kconf.syms[name], value)
         if reason:
@@ -227,6 +228,7 @@ def apply_overrides(kconf: kconfiglib.Kconfig, seen: Assignments, overrides: lis
     errors: list[str] = []
     applied: list[tuple[kconfiglib.Symbol, str, str]] = []
     before = {c.name: c.selection for c in kconf.unique_choices if is_active(c)}
+    given: dict[str, str] = {}  # name -> the item that set it
     for item in overrides:
         where = f"SET {item}"
         if "=" not in item:
@@ -235,6 +237,13 @@ def apply_overrides(kconf: kconfiglib.Kconfig, seen: Assignments, overrides: lis
         name, value = item.split("=", 1)
         name = name.strip().removeprefix("CONFIG_")
         value = _unquote(value.strip())
+        if name in given:
+            errors.append(f"{where}: {name} is set twice in one SET (also as {given[name]}); give it once")
+            continue
+        given[name] = item
+        if "\n" in value or "\r" in value:  # .config holds one assignment per line
+            errors.append(f"SET {name}=...: the value {value!r} has a line break; give it on one line")
+            continue
         choice = kconf.named_choices.get(name)
         if choice is not None:
             members = choice_values(choice)
@@ -253,8 +262,7 @@ def apply_overrides(kconf: kconfiglib.Kconfig, seen: Assignments, overrides: lis
         sym.set_value(value)
         seen.where[sym.name], seen.value[sym.name] = "SET", value
         applied.append((sym, value, where))
-    last = {sym.name: (sym, value, where) for sym, value, where in applied}  # a later SET wins, as in make
-    for sym, value, where in last.values():
+    for sym, value, where in applied:
         reason = _not_taken(kconf, sym, value)
         if reason:
             errors.append(f"{where}: {sym.name} {reason}")
@@ -294,6 +302,36 @@ def _semantic_errors(kconf: kconfiglib.Kconfig, seen: Assignments, cross_checks:
     for symbol, problem in validate(settings_from_kconfig(kconf)):
         errors.append(f"{seen.locate(symbol)}: CONFIG_{symbol}: {problem}")
     return errors
+
+
+def settings_errors(settings: Settings) -> list[str]:
+    """What is wrong with Settings built from trainer flags, by the rules .config is held to.
+
+    The flags are set into a Kconfig configuration first, so the trainer
+    checks exactly what `make` checks (Kconfig ranges, then `validate` on
+    `settings_from_kconfig`) on exactly the values .config would hold: an
+    option the configuration leaves inactive (SCHEDULE_END under one-shot)
+    is None here, as it is there, whatever its flag's default says.
+    """
+    kconf = kconfig_from_settings(settings)
+    seen = Assignments()
+    errors: list[str] = []
+    for opt in options_for(settings.model):
+        value = getattr(settings, opt.name)
+        choice = _choice_item(kconf, opt.symbol)
+        if value is None or not is_active(choice or kconf.syms[opt.symbol]):
+            continue
+        seen.where[opt.symbol] = opt.flag
+        if choice is not None:
+            sym, text = choice_values(choice)[value], "y"
+        elif opt.kind in (bool, int):
+            sym, text = kconf.syms[opt.symbol], ("y" if value else "n") if opt.kind is bool else str(value)
+        else:
+            continue  # strings take any value; floats are checked by _semantic_errors
+        reason = _not_taken(kconf, sym, text)
+        if reason:
+            errors.append(f"{opt.flag}: {sym.name} {reason}")
+    return errors + _semantic_errors(kconf, seen, cross_checks=not errors)
 
 
 # ---------------------------------------------------------------- outputs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -166,6 +167,9 @@ class Option:
     def parse(self, text: str) -> Any:
         """Convert a flag or Kconfig value to this option's type, checked."""
         if self.kind is float:
+            # float() also reads other scripts' digits ("٠.٥"); Kconfig would keep them verbatim.
+            if not text.isascii():
+                raise ValueError(f"'{text}' is not a number (write it with the digits 0-9)")
             try:
                 value = float(text)
             except ValueError:
@@ -175,8 +179,22 @@ class Option:
                 raise ValueError(problem)
             return value
         if self.kind is int:
-            return int(text, 0)
+            return parse_decimal(text)
         return text
+
+
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def parse_decimal(text: str) -> int:
+    """An int written in ASCII decimal digits, as Kconfig `int` symbols take them.
+
+    Python's int() would also take "0x20", "+5", " 5" and other scripts' digits
+    ("٣٠", "３０"); Kconfig would keep such text in .config verbatim, so it is refused.
+    """
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"'{text}' is not a decimal integer (digits 0-9 only)")
+    return int(text)
 
 
 def _table() -> tuple[Option, ...]:
@@ -276,7 +294,9 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
         except ScheduleError as exc:
             problems.append((exc.symbol, str(exc)))
         else:
-            if sched.end > s.max_iters:
-                problems.append(("SCHEDULE_END", f"step {sched.end} is after the last step (MAX_ITERS={s.max_iters}): "
-                                 "the run would stop before reaching the target sparsity"))
+            if sched.last_update > s.max_iters:
+                symbol = {"one-shot": "SCHEDULE_START", "milestones": "SCHEDULE_MILESTONE_TABLE",
+                          "steps": "SCHEDULE_STEP_LEVELS"}.get(sched.kind, "SCHEDULE_END")
+                problems.append((symbol, f"step {sched.last_update} is after the last step (MAX_ITERS="
+                                 f"{s.max_iters}): the run would stop before reaching the target sparsity"))
     return problems

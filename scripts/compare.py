@@ -3,8 +3,8 @@
     python -m scripts.compare DIR DIR [...] [--output DIR] [--output-root DIR]
     make compare RESULTS="<matrix dir> <matrix dir>"
 
-Without DIR arguments the directories are read from the RESULTS environment
-variable (what `make compare RESULTS=...` passes; split like a shell would,
+Without DIR arguments the directories are read from the make variable RESULTS
+(which the Makefile hands over as KPRUNE_RESULTS; split like a shell would,
 so a quoted path may hold spaces). The report and plots go to a new
 directory, --output or <output root>/compare-<UTC stamp>/ (the output root
 as for `make plots`: OUTPUT_DIR from .config, else results/); the matrix
@@ -14,12 +14,12 @@ directories are only read. The first matrix's baseline arm is the baseline.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from lib.cli import make_variable
 from lib.errors import KpruneError
 from lib.report.build import report_for
 from lib.report.compare import combine_matrices
@@ -30,7 +30,7 @@ def _dirs(args: list[str]) -> list[Path]:
     if args:
         return [Path(a) for a in args]
     try:
-        return [Path(a) for a in shlex.split(os.environ.get("RESULTS", ""))]
+        return [Path(a) for a in shlex.split(make_variable("RESULTS", ""))]
     except ValueError as exc:
         raise KpruneError(f"RESULTS: {exc}; quote each directory whole, e.g. RESULTS=\"'a dir' other\"") from None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lib.data.cifar import ARCHIVES, CIFAR_MD5, CIFAR_URLS, archive_path, verify_archive
 from lib.data.download import download
+from lib.cli import make_variable
 from lib.errors import KpruneError
 
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.fetch_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(ARCHIVES), help="which archive to fetch")
-    parser.add_argument("--data-dir", default="data", help="the data directory (default: data)")
+    parser.add_argument("--data-dir", default=make_variable("DATA_DIR", "data"),
+                        help="the data directory (make's DATA_DIR=; default: data)")
     args = parser.parse_args(argv)
     try:
         path = fetch_cifar(Path(args.data_dir), args.dataset)

@@ -6,8 +6,9 @@
     python -m scripts.kconfig train [--set ...]     # print it, then run it
     python -m scripts.kconfig resume RUN_DIR        # continue an interrupted run
 
-Every command that reads .config applies `--set` overrides first (what
-`make <target> SET="..."` passes), validates the result strictly and writes
+Every command that reads .config applies `--set` overrides first (`make
+<target> SET="..."` hands them over in the environment as KPRUNE_SET, the
+default of --set; RESUME= likewise), validates the result strictly and writes
 .config back atomically, so .config always describes what ran. On any error
 nothing is written and the exit status is 2.
 """
@@ -20,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from lib.cli import make_variable
 from lib.errors import ConfigError, KpruneError
 from lib.kconfig import (REPO_ROOT, apply_overrides, load_kconfig, read_config, selected_model,
                          settings_from_kconfig, trainer_argv, write_config)
@@ -31,7 +33,12 @@ NO_CONFIG = ("no .config here: create one first with `make defconfig-<name>` "
 
 
 def _overrides(text: str | None) -> list[str]:
-    return shlex.split(text) if text else []
+    """SET's words, split as a shell would split them (quotes group a value with spaces)."""
+    try:
+        return shlex.split(text) if text else []
+    except ValueError as exc:  # an unbalanced quote
+        raise ConfigError(f"SET={text!r}: {exc}; quote a value that has spaces or quotes as a whole, "
+                          "e.g. SET=\"RUN_NAME='my run'\"") from None
 
 
 def load_dot_config(set_text: str | None):
@@ -124,6 +131,9 @@ def cmd_train(args) -> int:
 
 def cmd_resume(args) -> int:
     """Continue an interrupted run from its checkpoint, with the run's own config."""
+    if not args.run:
+        print("usage: make resume RESUME=<run directory>", file=sys.stderr)
+        return 2
     run_dir = Path(args.run)
     kconf, seen = read_config(run_dir / "config")
     apply_overrides(kconf, seen, [f"RESUME_FROM={run_dir}"] + _overrides(args.set))
@@ -149,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         p = sub.add_parser(name, help=about)
         p.set_defaults(func=func)
-        p.add_argument("--set", default=None, help='overrides, e.g. "MAX_ITERS=20 LR=3e-4"')
+        p.add_argument("--set", default=make_variable("SET"),
+                       help='overrides, e.g. "MAX_ITERS=20 LR=3e-4" (make\'s SET=)')
         if name == "defconfig":
             p.add_argument("name")
         if name == "resume":
-            p.add_argument("run", help="the run directory")
+            p.add_argument("run", nargs="?", default=make_variable("RESUME"), help="the run directory (make's RESUME=)")
         if name == "savedefconfig":
             p.add_argument("--output", default="defconfig")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from lib.cli import make_variable
 from lib.errors import KpruneError
 from lib.kconfig import settings_from_kconfig
 from lib.matrix.plan import build_plan, plan_table
@@ -47,9 +48,10 @@ def prepare(set_text: str | None, results: str | None) -> tuple[Path, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default=None)
-    parser.add_argument("--jobs", default="1", help="runs at once (make's JOBS=)")
-    parser.add_argument("--results", default=None, help="a matrix directory to resume (make's RESULTS=)")
+    parser.add_argument("--set", default=make_variable("SET"), help="overrides (make's SET=)")
+    parser.add_argument("--jobs", default=make_variable("JOBS", "1"), help="runs at once (make's JOBS=)")
+    parser.add_argument("--results", default=make_variable("RESULTS"),
+                        help="a matrix directory to resume (make's RESULTS=)")
     args = parser.parse_args(argv)
     try:
         jobs = int(args.jobs or 1)

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lib.cli import make_variable
 from lib.errors import KpruneError
 from lib.kconfig import settings_from_kconfig
 from lib.report.build import Report, build_report
@@ -50,7 +51,7 @@ def print_report(report: Report) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=None,
+    parser.add_argument("--results", default=make_variable("RESULTS"),
                         help="the matrix directory (default: the newest under the output root)")
     parser.add_argument("--output-root", default=None,
                         help="where matrix directories are looked for (default: OUTPUT_DIR from .config)")

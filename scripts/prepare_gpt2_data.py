@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 
 from lib.data.corpora import DATASETS, prepare_corpus
+from lib.cli import make_variable
 from lib.errors import KpruneError
 
 
 def _positive_int(text: str) -> int | None:
     if not text:
-        return None  # unset, as `make data-gpt2` passes an empty MAX_DOCS
+        return None  # an empty value means unset
     try:
         value = int(text)
     except ValueError:
@@ -45,15 +46,23 @@ def _fraction(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.prepare_gpt2_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="which corpus")
-    # Empty means unset, so a Makefile can always pass --data-path '$(DATA_PATH)'.
-    parser.add_argument("--data-path", default="", help="custom only: a .txt/.jsonl/.parquet file or a folder")
-    parser.add_argument("--data-dir", default="data", help="the data directory (default: data)")
-    parser.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
-    parser.add_argument("--max-docs", type=_positive_int, default=None, help="read at most this many documents")
+    # Each flag defaults to its make variable (make data-gpt2 DATASET=... passes them that way).
+    parser.add_argument("--dataset", default=make_variable("DATASET"), choices=DATASETS, help=f"which corpus: {', '.join(DATASETS)}")
+    parser.add_argument("--data-path", default=make_variable("DATA_PATH", ""),
+                        help="custom only: a .txt/.jsonl/.parquet file or a folder")
+    parser.add_argument("--data-dir", default=make_variable("DATA_DIR", "data"),
+                        help="the data directory (default: data)")
+    parser.add_argument("--text-field", default=make_variable("TEXT_FIELD", "text"),
+                        help="jsonl field / parquet column holding the text")
+    parser.add_argument("--max-docs", type=_positive_int, default=make_variable("MAX_DOCS"),
+                        help="read at most this many documents")
     parser.add_argument("--val-fraction", type=_fraction, default=0.005,
                         help="share of documents held out for validation (default: 0.005)")
     args = parser.parse_args(argv)
+    if not args.dataset:
+        print(f"usage: make data-gpt2 DATASET={'|'.join(DATASETS[1:] + DATASETS[:1])} [DATA_PATH=...]",
+              file=sys.stderr)
+        return 2
     try:
         out_dir = prepare_corpus(
             args.dataset,

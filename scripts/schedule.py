@@ -13,6 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from lib.cli import make_variable
 from lib.errors import KpruneError
 from lib.kconfig import settings_from_kconfig
 from lib.pruning.build import build_pruner
@@ -37,7 +38,7 @@ def _schedule(settings):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.schedule", description=__doc__)
-    parser.add_argument("--set", default=None)
+    parser.add_argument("--set", default=make_variable("SET"), help="overrides (make's SET=)")
     parser.add_argument("--png", default="results/schedule.png")
     args = parser.parse_args(argv)
     try:

@@ -18,9 +18,9 @@ MOV = "gpt2-adamwprune-movement-sp0.5-cubic-ramp"
 
 def _run(*args: str, cwd: Path = REPO, results: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RESULTS", None)
+    env.pop("KPRUNE_RESULTS", None)
     if results is not None:
-        env["RESULTS"] = results
+        env["KPRUNE_RESULTS"] = results
     return subprocess.run([sys.executable, "-m", "scripts.compare", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 

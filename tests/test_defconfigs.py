@@ -30,8 +30,9 @@ def test_defconfig_trains_a_few_steps(path: Path, tmp_path: Path, capsys, data_d
     base = settings_from_kconfig(kconf)
     model = base.model
     extra = BIG_GPT2 if model == "gpt2" and base.gpt2_size != "tiny" else []
-    apply_overrides(kconf, seen, QUICK + QUICK_BY_MODEL[model] + extra + [f"OUTPUT_DIR={tmp_path}",
-                                                                           f"DATA_DIR={data_dir}"])
+    overrides = QUICK + QUICK_BY_MODEL[model] + extra + [f"OUTPUT_DIR={tmp_path}", f"DATA_DIR={data_dir}"]
+    # One SET names a symbol once: a later list's value replaces an earlier one's.
+    apply_overrides(kconf, seen, [f"{k}={v}" for k, v in dict(o.split("=", 1) for o in overrides).items()])
     settings = settings_from_kconfig(kconf)
     trainer = importlib.import_module(f"{model}.train")
     assert trainer.main(trainer_argv(kconf)) == 0

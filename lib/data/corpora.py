@@ -4,7 +4,11 @@
 and val.bin (little-endian uint16 GPT-2 ids, every document followed by the
 end-of-text token) and manifest.json, which is written last and is what
 marks the cache complete. A cache whose manifest matches the source (file
-hashes, or hub name and document cap) is reused; anything else is rebuilt.
+hashes, or hub name and document cap) and whose .bin files still match the
+sizes and hashes the manifest records is reused; anything else is rebuilt.
+The trainer checks the same (`prepared_token_files`) and, since it cannot
+rebuild a corpus, names the command that does. verified.json spares the hash
+of files already checked (lib/data/tokens.py `check_token_files`).
 
 Documents are split, not tokens: document i goes to validation when
 i % every == 0 (every = round(1 / val_fraction), at least 2), so there is
@@ -28,11 +32,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from lib.data.tokenizer import EOT_TOKEN, GPT2_RANKS_SHA256, gpt2_encoding
-from lib.data.tokens import TOKEN_DTYPE, read_matching_manifest, split_into_chunks
+from lib.data.tokens import TOKEN_DTYPE, check_token_files, read_matching_manifest, split_into_chunks
 from lib.results import fsync_dir, write_bytes_atomic
 from lib.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the manifest has recorded each .bin file's size and sha256 since version 1
 CUSTOM = "custom"
 
 
@@ -354,17 +358,33 @@ def _reusable(out_dir: Path, expected: dict[str, Any]) -> bool:
     manifest = read_matching_manifest(out_dir / "manifest.json", expected)
     if manifest is None:
         return False
-    # A size mismatch means a .bin was replaced behind our back: rebuild.
-    files = manifest.get("files")
-    if not isinstance(files, dict):
+    problem = check_token_files(out_dir, manifest.get("files"))
+    if problem:
+        print(f"{problem}: preparing it again", file=sys.stderr)
         return False
-    for name in ("train.bin", "val.bin"):
-        try:
-            if (out_dir / name).stat().st_size != files.get(name, {}).get("bytes"):
-                return False
-        except (OSError, AttributeError):
-            return False
     return True
+
+
+def prepared_token_files(data_dir: Path, dataset: str) -> tuple[Path, Path]:
+    """train.bin and val.bin of a corpus `make data-gpt2` prepared, checked against its manifest.
+
+    The trainer cannot rebuild a corpus (it may live on the hub), so a cache
+    that is missing, or whose files no longer match their manifest, is an
+    error that says which command prepares it again.
+    """
+    out_dir = Path(data_dir) / "prepared" / f"{dataset}-gpt2"
+    hint = " DATA_PATH=<your file or folder>" if dataset == CUSTOM else ""
+    command = f"make data-gpt2 DATASET={dataset}{hint}"
+    manifest_path = out_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise DataError(f"{out_dir} holds no prepared {dataset} tokens: run `{command}` first (with DATA_DIR={data_dir})")
+    manifest = read_matching_manifest(manifest_path, {"format_version": FORMAT_VERSION,
+                                                      "tokenizer": {"encoding": "gpt2", "ranks_sha256": GPT2_RANKS_SHA256}})
+    problem = (f"{manifest_path} is unreadable or was written for another format or tokenizer"
+               if manifest is None else check_token_files(out_dir, manifest.get("files")))
+    if problem:
+        raise DataError(f"{problem}; prepare the corpus again with `{command}` (with DATA_DIR={data_dir})")
+    return out_dir / "train.bin", out_dir / "val.bin"
 
 
 def prepare_corpus(
@@ -436,6 +456,7 @@ def prepare_corpus(
         stats = _write_splits(documents, out_dir, every, val_fraction, label)
         manifest = {**expected, **stats}
         write_bytes_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        check_token_files(out_dir, manifest["files"])  # stamps the new files as verified
     except OSError as exc:
         raise DataError(f"{out_dir}: cannot write the token cache ({exc}); check the directory is writable") from None
     tokens = stats["tokens"]

@@ -2,7 +2,10 @@
 
 A prepared cache is a directory holding train.bin and val.bin (raw
 little-endian uint16 token ids) and meta.json, which is written last and
-is what marks the cache as complete and valid for a given source.
+is what marks the cache as complete and valid for a given source. The
+manifest records each file's size and sha256; a cache is used only when its
+files still hold exactly that (and only GPT-2 ids), checked by
+`check_token_files` (the same check serves the corpora of lib/data/corpora.py).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from lib.data.tokenizer import GPT2_RANKS_SHA256, gpt2_encoding
+from lib.data.tokenizer import EOT_TOKEN, GPT2_RANKS_SHA256, gpt2_encoding
 from lib.errors import DataError
 from lib.results import write_bytes_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records each .bin file's sha256
 TOKEN_DTYPE = np.dtype("<u2")
+GPT2_VOCAB_SIZE = EOT_TOKEN + 1  # end-of-text is the last GPT-2 id
+VERIFIED_STAMP = "verified.json"
+TOKEN_FILES = ("train.bin", "val.bin")  # the files of every token cache
 
 # Aim for chunks of about this many characters when tokenizing in parallel.
 _CHUNK_CHARS = 64 * 1024
@@ -119,23 +125,74 @@ def read_matching_manifest(path: Path, expected: dict[str, Any]) -> dict[str, An
     return manifest
 
 
-def _cache_is_valid(
-    meta_path: Path, expected: dict[str, Any], train: Path, val: Path
-) -> dict[str, Any] | None:
-    """Return the stored meta if the cache matches `expected`, else None."""
+def describe_tokens(data: bytes) -> dict[str, Any]:
+    """What a manifest records about one token file: its size and sha256."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _scan(path: Path) -> tuple[str, int]:
+    """The sha256 of a token file and its largest id (-1 when empty), in one read."""
+    digest, top = hashlib.sha256(), -1
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):  # an even size: blocks hold whole tokens
+            digest.update(block)
+            if len(block) >= TOKEN_DTYPE.itemsize:
+                top = max(top, int(np.frombuffer(block, TOKEN_DTYPE, len(block) // TOKEN_DTYPE.itemsize).max()))
+    return digest.hexdigest(), top
+
+
+def check_token_files(directory: Path, recorded: Any) -> str | None:
+    """Why the token files in `directory` are not what the manifest's `recorded` says; None if they are.
+
+    `recorded` maps train.bin and val.bin to {"bytes": n, "sha256": hex}. Each
+    file must have that size and hash and hold GPT-2 ids only. Hashing a large corpus
+    takes a while, so a file that passed is stamped in verified.json with its
+    size, mtime and inode, and not hashed again until one of them changes.
+    """
+    directory = Path(directory)
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(TOKEN_FILES) or not all(
+            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            for r in recorded.values()):
+        return f"{directory}: the manifest does not record the token files' sizes and hashes"
+    stamp_path = directory / VERIFIED_STAMP
+    stamp = read_matching_manifest(stamp_path, {}) or {}
+    passed = {}
+    for name, want in recorded.items():
+        path = directory / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{path} is missing"
+        if stat.st_size != want["bytes"]:
+            return f"{path} has {stat.st_size:,} bytes where its manifest records {want['bytes']:,}"
+        key = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "sha256": want["sha256"]}
+        if stamp.get(name) != key:
+            try:
+                sha256, top = _scan(path)
+            except OSError as exc:
+                return f"{path} cannot be read ({exc.strerror or exc})"
+            if sha256 != want["sha256"]:
+                return f"{path} does not hold the tokens its manifest records (sha256 differs)"
+            if top >= GPT2_VOCAB_SIZE:
+                return f"{path} holds token id {top}, outside the GPT-2 vocabulary (ids 0-{GPT2_VOCAB_SIZE - 1})"
+        passed[name] = key
+    if passed != stamp:
+        try:
+            write_bytes_atomic(stamp_path, (json.dumps(passed, indent=2) + "\n").encode("utf-8"))
+        except OSError:
+            pass  # a read-only cache only costs a hash next time
+    return None
+
+
+def _cache_is_valid(meta_path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the stored meta if the cache matches `expected` and its files match the meta, else None."""
     meta = read_matching_manifest(meta_path, expected)
     if meta is None:
         return None
-    counts = meta.get("tokens")
-    if not isinstance(counts, dict):
+    problem = check_token_files(meta_path.parent, meta.get("files"))
+    if problem:
+        print(f"{problem}: preparing the token cache again", file=sys.stderr)
         return None
-    # A size mismatch means a .bin was replaced behind our back: rebuild.
-    for path, key in ((train, "train"), (val, "val")):
-        try:
-            if path.stat().st_size != counts.get(key, -1) * TOKEN_DTYPE.itemsize:
-                return None
-        except OSError:
-            return None
     return meta
 
 
@@ -157,7 +214,7 @@ def prepare_tokens(source: Path, out_dir: Path, val_fraction: float = 0.1) -> Pr
     }
     train_path, val_path = out_dir / "train.bin", out_dir / "val.bin"
     meta_path = out_dir / "meta.json"
-    meta = _cache_is_valid(meta_path, expected, train_path, val_path)
+    meta = _cache_is_valid(meta_path, expected)
     if meta is not None:
         return PreparedTokens(train_path, val_path, meta)
 
@@ -176,15 +233,18 @@ def prepare_tokens(source: Path, out_dir: Path, val_fraction: float = 0.1) -> Pr
         # Drop the old meta first: if we die between writing the two .bin
         # files, no meta.json may vouch for a mix of old and new data.
         meta_path.unlink(missing_ok=True)
-        write_bytes_atomic(train_path, tokens[:n_train].tobytes())
-        write_bytes_atomic(val_path, tokens[n_train:].tobytes())
+        train_bytes, val_bytes = tokens[:n_train].tobytes(), tokens[n_train:].tobytes()
+        write_bytes_atomic(train_path, train_bytes)
+        write_bytes_atomic(val_path, val_bytes)
         meta = {
             **expected,
             "source": str(source.resolve()),
             "source_bytes": len(raw),
             "tokens": {"train": n_train, "val": n_val, "total": len(tokens)},
+            "files": {"train.bin": describe_tokens(train_bytes), "val.bin": describe_tokens(val_bytes)},
         }
         write_bytes_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        check_token_files(out_dir, meta["files"])  # stamps the new files as verified
     except OSError as exc:
         print("failed", file=sys.stderr)
         raise DataError(

@@ -16,6 +16,8 @@ a, end b, initial s_i, final s_f and p = (t - a) / (b - a) clipped to [0, 1]:
 
 Before a nothing is pruned. Masks update at a, every `frequency` steps after
 it, and at b; the target never decreases, because pruned weights never revive.
+Step t is the t-th optimizer step, so an update placed at a = 0 (before any
+training) happens after step 1, with the target of step 1.
 `warp` >= 1 (model-size-adaptive pruning) slows any curve down: p -> p^warp.
 """
 
@@ -153,7 +155,7 @@ class Schedule:
 
     @property
     def last_update(self) -> int:
-        return self.start if self.kind == "one-shot" else self.end
+        return max(1, self.start if self.kind == "one-shot" else self.end)
 
     def target(self, step: int) -> float:
         """The sparsity the schedule asks for at `step`."""
@@ -176,9 +178,15 @@ class Schedule:
         return self.points[-1][1]
 
     def is_update(self, step: int) -> bool:
-        """Whether masks are recomputed after optimizer step `step`."""
-        if step < self.start or step > self.last_update:
+        """Whether masks are recomputed after optimizer step `step`.
+
+        Steps count from 1: there is no optimizer step 0, so an update the
+        schedule places at step 0 happens after step 1.
+        """
+        if step < max(1, self.start) or step > self.last_update:
             return False
+        if step == 1 and self.start == 0:
+            return True
         if self.kind in TABLE_KINDS and any(s == step for s, _ in self.points):
             return True  # every table point is a mask update
         if self.kind == "steps":
@@ -188,13 +196,14 @@ class Schedule:
     def update_steps(self) -> list[int]:
         """Every step at which masks are recomputed, in order."""
         if self.kind == "one-shot":
-            return [self.start]
+            return [self.last_update]
         if self.kind == "steps":
-            return [s for s, _ in self.points]
-        steps = set(range(self.start, self.end + 1, self.frequency)) | {self.end}
+            steps = {s for s, _ in self.points}
+        else:
+            steps = set(range(self.start, self.end + 1, self.frequency)) | {self.end}
         if self.kind == "milestones":
             steps |= {s for s, _ in self.points}
-        return sorted(steps)
+        return sorted({max(1, s) for s in steps})  # an update at step 0 happens after step 1
 
 
 def schedule_from_settings(settings, frequency: int | None = None, warp: float = 1.0) -> Schedule:
@@ -211,7 +220,8 @@ def schedule_from_settings(settings, frequency: int | None = None, warp: float =
         sched = Schedule.steps(parse_levels(s.schedule_steps), s.schedule_start, frequency, s.target_sparsity)
     else:  # one-shot has no end, initial sparsity or frequency (None): it uses none of them
         sched = Schedule(kind=s.schedule, start=s.schedule_start,
-                         end=s.schedule_start if s.schedule_end is None else s.schedule_end,
+                         end=s.schedule_start if s.schedule_end is None or s.schedule == "one-shot"
+                         else s.schedule_end,
                          final=s.target_sparsity, initial=0.0 if s.initial_sparsity is None else s.initial_sparsity,
                          frequency=1 if frequency is None else frequency)
     return replace(sched, warp=warp) if warp != 1.0 else sched

@@ -11,7 +11,7 @@ import pytest
 
 from lib.errors import ConfigError
 from lib.kconfig import (REPO_ROOT, apply_overrides, choice_values, kconfig_from_settings, load_kconfig,
-                         read_config, settings_from_kconfig, trainer_argv, write_config)
+                         read_config, settings_errors, settings_from_kconfig, trainer_argv, write_config)
 from lib.matrix.plan import SELECTORS as MATRIX_SELECTORS, SETTINGS as MATRIX_SETTINGS
 from lib.settings import OPTIONS, build_parser, fields, settings_from_namespace, Settings
 
@@ -186,12 +186,96 @@ def test_set_overrides_symbols_and_choices_by_value():
     ("GPT2_BLOCK_SIZE=1", "SET GPT2_BLOCK_SIZE=1: GPT2_BLOCK_SIZE 1 is out of range [8, 4096]"),
     ("AMSGRAD=1", "SET AMSGRAD=1: AMSGRAD is a bool: use y or n"),
     ("OPTIMIZER=adamw", "SET OPTIMIZER=adamw"),  # state pruning then loses its optimizer
+    # Kconfig ints are decimal; Python's int() would read these, and .config would keep the text.
+    ("MAX_ITERS=0x20", "SET MAX_ITERS=0x20: MAX_ITERS '0x20' is not a decimal integer (digits 0-9 only)"),
+    ("MAX_ITERS=\u0663\u0660", "MAX_ITERS '\u0663\u0660' is not a decimal integer"),   # Arabic-Indic 30
+    ("SEED=\uff13\uff10", "SEED '\uff13\uff10' is not a decimal integer"),            # fullwidth 30
+    ("LR=\u0660.\u0661", "'\u0660.\u0661' is not a number (write it with the digits 0-9)"),
 ])
 def test_bad_overrides_are_errors(override, expected):
     kconf, seen = read_config(REPO_ROOT / "defconfigs" / "gpt2-bitter7")
     with pytest.raises(ConfigError) as info:
         apply_overrides(kconf, seen, [override])
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["MAX_ITERS=40", "LR=3e-4", "MAX_ITERS=50"], "MAX_ITERS"),
+    (["SCHEDULE=linear", "CONFIG_SCHEDULE=zhu-gupta"], "SCHEDULE"),   # a choice, by value and with CONFIG_
+])
+def test_a_symbol_twice_in_one_set_is_an_error(overrides, name):
+    kconf, seen = read_config(REPO_ROOT / "defconfigs" / "gpt2-bitter7")
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(kconf, seen, overrides)
+    assert f"SET {overrides[-1]}: {name} is set twice in one SET (also as {overrides[0]}); give it once" \
+        == str(info.value)
+
+
+def test_a_defconfig_with_hex_or_foreign_digits_is_an_error(tmp_path):
+    path = _write(tmp_path, "CONFIG_MODEL_LENET5=y\nCONFIG_MAX_ITERS=0x20\nCONFIG_SEED=\u0663\u0660\n")
+    assert _error_of(path) == (f"{path}:2: CONFIG_MAX_ITERS '0x20' is not a decimal integer (digits 0-9 only)\n"
+                               f"{path}:3: CONFIG_SEED '\u0663\u0660' is not a decimal integer (digits 0-9 only)")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--max-iters", "0x20"], "--max-iters (Kconfig MAX_ITERS): '0x20' is not a decimal integer"),
+    (["--seed", "\u0663\u0660"], "--seed (Kconfig SEED): '\u0663\u0660' is not a decimal integer"),
+    (["--lr", "\uff10.\uff11"], "--lr (Kconfig LR): '\uff10.\uff11' is not a number (write it with the digits 0-9)"),
+])
+def test_trainer_flags_take_the_numbers_kconfig_takes(flags, expected, capsys):
+    with pytest.raises(SystemExit):
+        build_parser("lenet5", prog="x", description="").parse_args(flags)
+    assert expected in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ one set of rules: make and the trainer
+
+def _trainer_settings(kconf) -> Settings:
+    """The Settings the trainer builds from the flags `make train` gives it."""
+    model = settings_from_kconfig(kconf).model
+    return settings_from_namespace(build_parser(model, prog="x", description="").parse_args(trainer_argv(kconf)))
+
+
+@pytest.mark.parametrize("overrides", [
+    # one-shot has no end: SCHEDULE_END's default (3283) is no reason to refuse the run
+    ["SCHEDULE=one-shot", "SCHEDULE_START=10", "MAX_ITERS=30"],
+    ["SCHEDULE=one-shot", "SCHEDULE_START=0", "MAX_ITERS=30"],
+    ["SCHEDULE=milestones", "SCHEDULE_MILESTONE_TABLE=0:0.0,20:0.7", "SCHEDULE_FREQUENCY=5", "MAX_ITERS=30"],
+    ["SCHEDULE=steps", "SCHEDULE_STEP_LEVELS=0.3,0.7", "SCHEDULE_START=0", "SCHEDULE_FREQUENCY=10",
+     "MAX_ITERS=30"],
+])
+def test_the_trainer_accepts_what_make_accepts(overrides):
+    kconf, seen = read_config(REPO_ROOT / "defconfigs" / "lenet5-magnitude")
+    apply_overrides(kconf, seen, overrides)   # make defconfig-... SET=... accepts it
+    assert settings_errors(_trainer_settings(kconf)) == []
+
+
+@pytest.mark.parametrize("path", DEFCONFIGS, ids=lambda p: p.name)
+def test_every_defconfig_passes_the_trainer_check(path):
+    kconf, _ = read_config(path)
+    assert settings_errors(_trainer_settings(kconf)) == []
+
+
+def test_the_trainer_refuses_what_make_refuses_with_the_same_message(tmp_path):
+    path = _write(tmp_path, "CONFIG_MODEL_LENET5=y\nCONFIG_OPTIMIZER_ADAMWPRUNE=y\nCONFIG_PRUNING_METHOD_MAGNITUDE=y\n"
+                            "CONFIG_SCHEDULE_ONE_SHOT=y\nCONFIG_SCHEDULE_START=40\nCONFIG_MAX_ITERS=30\n")
+    rule = "CONFIG_SCHEDULE_START: step 40 is after the last step (MAX_ITERS=30)"
+    assert f"{path}:5: {rule}" in _error_of(path)
+    parser = build_parser("lenet5", prog="x", description="")
+    flags = ["--optimizer", "adamwprune", "--pruning-method", "magnitude", "--schedule", "one-shot",
+             "--schedule-start", "40", "--max-iters", "30"]
+    errors = settings_errors(settings_from_namespace(parser.parse_args(flags)))
+    assert len(errors) == 1 and errors[0].startswith(f"--schedule-start: {rule}")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--max-iters", "0"], "--max-iters: MAX_ITERS 0 is out of range [1, 100000000]"),
+    (["--pruning-method", "state", "--optimizer", "adamw"], "--pruning-method: PRUNING_METHOD_STATE has unmet dependencies (OPTIMIZER_ADAMWPRUNE)"),
+])
+def test_trainer_flags_are_held_to_the_kconfig_rules(flags, expected):
+    parser = build_parser("lenet5", prog="x", description="")
+    errors = settings_errors(settings_from_namespace(parser.parse_args(flags)))
+    assert any(expected in e for e in errors), errors
 
 
 # ------------------------------------------------------------------ the command line

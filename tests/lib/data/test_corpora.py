@@ -79,7 +79,7 @@ def test_single_txt_is_split_at_the_tail(tmp_path: Path) -> None:
     assert train == tokens[:-n_val] and val == tokens[-n_val:]
     assert manifest["documents"]["total"] == 1
     assert sorted(p.name for p in (tmp_path / "prepared" / "custom-gpt2").iterdir()) == [
-        "manifest.json", "train.bin", "val.bin"]  # no temp files left behind
+        "manifest.json", "train.bin", "val.bin", "verified.json"]  # no temp files left behind
 
 
 def test_folder_mixes_files_in_sorted_order(tmp_path: Path) -> None:
@@ -206,3 +206,42 @@ def test_hub_without_datasets_package(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(DataError, match=r"needs the Hugging Face `datasets` package.*pip install datasets"):
         prepare_corpus("openwebtext", tmp_path)
     assert not (tmp_path / "prepared").exists()
+
+
+# ------------------------------------------------------------------ what the trainer reads is what was prepared
+
+def _prepared(tmp_path: Path) -> Path:
+    docs = [f"Document {i}: some words to tokenize, and a few more." for i in range(12)]
+    return prepare_corpus("custom", tmp_path, _jsonl(tmp_path / "docs.jsonl", docs), val_fraction=0.25)
+
+
+def test_trainer_refuses_a_corpus_file_changed_after_preparing(tmp_path: Path) -> None:
+    out_dir = _prepared(tmp_path)
+    assert corpora.prepared_token_files(tmp_path, "custom") == (out_dir / "train.bin", out_dir / "val.bin")
+    val = out_dir / "val.bin"
+    val.write_bytes(b"\xff" * val.stat().st_size)  # same size; ids 65535 would index past the embedding
+    with pytest.raises(DataError) as info:
+        corpora.prepared_token_files(tmp_path, "custom")
+    assert str(info.value) == (f"{val} does not hold the tokens its manifest records (sha256 differs); prepare the "
+                               "corpus again with `make data-gpt2 DATASET=custom DATA_PATH=<your file or folder>` "
+                               f"(with DATA_DIR={tmp_path})")
+
+
+def test_make_data_gpt2_rebuilds_a_changed_corpus_file(tmp_path: Path) -> None:
+    out_dir = _prepared(tmp_path)
+    train = out_dir / "train.bin"
+    good = train.read_bytes()
+    train.write_bytes(good[::-1])
+    _prepared(tmp_path)
+    assert train.read_bytes() == good
+    corpora.prepared_token_files(tmp_path, "custom")
+
+
+def test_trainer_names_the_command_for_a_missing_or_foreign_manifest(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"holds no prepared finewebedu tokens: run `make data-gpt2 "
+                                        r"DATASET=finewebedu` first"):
+        corpora.prepared_token_files(tmp_path, "finewebedu")
+    out_dir = _prepared(tmp_path)
+    (out_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest.json is unreadable or was written for another format"):
+        corpora.prepared_token_files(tmp_path, "custom")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,59 @@ def test_missing_or_odd_token_file(tmp_path: Path) -> None:
     odd.write_bytes(b"\x00" * 101)
     with pytest.raises(DataError, match=r"odd\.bin.*uint16"):
         TokenBatches(odd, block_size=4)
+
+
+# ------------------------------------------------------------------ the cache is checked, not trusted by size
+
+def _shakespeare_like(tmp_path: Path) -> Path:
+    source = tmp_path / "play.txt"
+    source.write_text(TEXT, encoding="utf-8")
+    return source
+
+
+def test_same_size_other_contents_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _shakespeare_like(tmp_path)
+    first = prepare_tokens(source, tmp_path / "cache")
+    good = first.train_path.read_bytes()
+    first.train_path.write_bytes(good[::-1])  # same size, other tokens
+    capsys.readouterr()
+    again = prepare_tokens(source, tmp_path / "cache")
+    assert again.train_path.read_bytes() == good
+    assert f"{first.train_path} does not hold the tokens its manifest records" in capsys.readouterr().err
+
+
+def _token_dir(directory: Path, train: list[int]) -> dict:
+    """train.bin and val.bin in `directory`, and a manifest entry that vouches for them."""
+    recorded = {}
+    for name, ids in (("train.bin", train), ("val.bin", [5, 6])):
+        data = np.array(ids, dtype="<u2").tobytes()
+        (directory / name).write_bytes(data)
+        recorded[name] = tokens_module.describe_tokens(data)
+    return recorded
+
+
+def test_out_of_range_ids_are_named(tmp_path: Path) -> None:
+    problem = tokens_module.check_token_files(tmp_path, _token_dir(tmp_path, [1, 50256, 60000, 7]))
+    assert problem == f"{tmp_path / 'train.bin'} holds token id 60000, outside the GPT-2 vocabulary (ids 0-50256)"
+    assert tokens_module.check_token_files(tmp_path, _token_dir(tmp_path, [1, 50256, 50256, 7])) is None
+
+
+def test_a_manifest_must_vouch_for_both_files(tmp_path: Path) -> None:
+    recorded = _token_dir(tmp_path, [1, 2, 3])
+    del recorded["val.bin"]
+    assert "does not record the token files' sizes and hashes" in tokens_module.check_token_files(tmp_path, recorded)
+
+
+def test_a_verified_file_is_hashed_again_only_when_it_changes(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _shakespeare_like(tmp_path)
+    first = prepare_tokens(source, tmp_path / "cache")
+    scanned = []
+    real_scan = tokens_module._scan
+    monkeypatch.setattr(tokens_module, "_scan", lambda path: scanned.append(path.name) or real_scan(path))
+    prepare_tokens(source, tmp_path / "cache")
+    assert scanned == []  # the stamp written when the cache was built still matches
+    stat = first.val_path.stat()
+    os.utime(first.val_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched, not changed
+    assert prepare_tokens(source, tmp_path / "cache") == first
+    assert scanned == ["val.bin"]

@@ -157,7 +157,7 @@ def test_build_pruner_uses_and_records_the_adaptive_values(kind, params):
     assert pruner.schedule.frequency == adaptive["frequency_used"] == REFERENCE[params][1]
     assert pruner.schedule.warp == adaptive["warp_used"] == adaptive["warp"] > 1.0
     assert (pruner.schedule.kind, pruner.schedule.start, pruner.schedule.end) == (kind, 0, 10_000)
-    assert pruner.schedule.update_steps()[:3] == [0, REFERENCE[params][1], 2 * REFERENCE[params][1]]
+    assert pruner.schedule.update_steps()[:3] == [1, REFERENCE[params][1], 2 * REFERENCE[params][1]]
     assert isinstance(pruner.method, SPT)
     assert pruner.method.epsilon == choice.spt_epsilon  # overrides SPT_EPSILON
     assert pruner.method.alpha == 0.8

@@ -169,16 +169,16 @@ def test_update_steps_match_is_update(kind, start, end, frequency):
     s = _schedule(kind, start=start, end=end, frequency=frequency)
     steps = s.update_steps()
     assert steps == [t for t in range(0, end + 50) if s.is_update(t)]
-    assert steps[0] == start
+    assert steps[0] == max(start, 1)  # there is no step 0: its update comes after step 1
     if kind == "one-shot":
-        assert steps == [start]
+        assert steps == [max(start, 1)]
         return
     assert steps[-1] == end
     assert steps == sorted(set(steps))
     # every step lies on the grid start + i*frequency, except possibly the final `end`
     grid = steps if (end - start) % frequency == 0 else steps[:-1]
-    assert grid == list(range(start, end + 1, frequency))
-    assert all(b - a == frequency for a, b in zip(grid, grid[1:]))
+    assert grid == sorted({max(t, 1) for t in range(start, end + 1, frequency)})
+    assert all(b - a == frequency for a, b in zip(grid[1:], grid[2:]))
 
 
 def test_update_steps_explicit():
@@ -425,3 +425,16 @@ def test_warp_below_one_is_an_error(warp):
     with pytest.raises(ScheduleError) as info:
         Schedule("linear", start=0, end=100, final=0.5, warp=warp)
     assert info.value.symbol == "ADAPTIVE_PRUNING"
+
+
+@pytest.mark.parametrize("schedule", [
+    Schedule("one-shot", start=0, end=0, final=0.5),
+    Schedule("linear", start=0, end=40, final=0.5, frequency=10),
+    Schedule.milestones(((0, 0.0), (20, 0.25), (40, 0.5)), frequency=10, final=0.5),
+    Schedule.steps((0.25, 0.5), start=0, frequency=20, final=0.5),
+])
+def test_an_update_at_step_zero_happens_after_the_first_step(schedule):
+    # Training calls is_update(t) for t = 1, 2, ...: an update at step 0 must not be lost.
+    updates = [t for t in range(1, 60) if schedule.is_update(t)]
+    assert updates[0] == 1 and updates == schedule.update_steps()
+    assert schedule.target(updates[-1]) == 0.5
