@@ -28,7 +28,7 @@ help:
 	@echo "  command            print the trainer command .config gives"
 	@echo "  schedule           print the sparsity .config reaches at each mask update; plot it"
 	@echo "  train (default)    run the trainer .config selects; last line: results: <dir>"
-	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir>"
+	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir> (default: the newest)"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2)"
@@ -96,9 +96,9 @@ plots: $(STAMP)
 train: $(STAMP)
 	@$(KCONFIG) train --set '$(SET)'
 
+# Without RESUME: the newest interrupted run in OUTPUT_DIR.
 resume: $(STAMP)
-	@test -n "$(RESUME)" || { echo "usage: make resume RESUME=<run directory>" >&2; exit 2; }
-	@$(KCONFIG) resume '$(RESUME)' --set '$(SET)'
+	@$(KCONFIG) resume $(if $(RESUME),'$(RESUME)') --set '$(SET)'
 
 demo: $(STAMP)
 	@$(KCONFIG) defconfig demo --set '$(SET)'
