@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -214,3 +215,31 @@ def test_a_run_that_ends_short_of_its_target_sparsity_is_not_complete(tmp_path, 
     assert run(whole, _linear, command=["test"]) == 0
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["mask_pruned_count"] == 4
+
+
+def test_the_resume_hint_is_offered_only_for_a_checkpoint_that_is_there_and_quoted(tmp_path):
+    from lib import checkpoint
+    from lib.run_dir import resume_hint
+
+    run_dir = tmp_path / "my results" / "it's"
+    run_dir.mkdir(parents=True)
+    assert "make resume" not in resume_hint(run_dir) and "no checkpoint" in resume_hint(run_dir)
+    checkpoint.save(run_dir, {"step": 7, "model_name": "linear", "weights": torch.ones(3)})
+    hint = resume_hint(run_dir)
+    assert hint.endswith(f"make resume RESUME={shlex.quote(str(run_dir))}") and "(step 7)" in hint
+    assert shlex.split(hint.rsplit("RESUME=", 1)[1]) == [str(run_dir)]  # a shell reads it back as one path
+    data = bytearray((run_dir / "checkpoint.pt").read_bytes())
+    data[-1] ^= 0xFF
+    (run_dir / "checkpoint.pt").write_bytes(bytes(data))
+    assert "make resume" not in resume_hint(run_dir)  # a checkpoint that does not match its hash is not offered
+    (run_dir / "checkpoint.json").write_text("{garbage")
+    assert "make resume" not in resume_hint(run_dir)
+
+
+def test_resume_with_a_damaged_checkpoint_json_is_one_clear_line(tmp_path):
+    from lib import checkpoint
+
+    (tmp_path / "checkpoint.json").write_bytes(b"\x00\xffnot json")
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(KpruneError, match="checkpoint.json cannot be read .* is damaged and cannot be resumed"):
+        checkpoint.load(tmp_path, "linear", {})
