@@ -74,3 +74,11 @@ def autocast_for(s, device: torch.device):
     if not use_bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def with_precision(precision, loss_fn):
+    """`loss_fn` run under `precision` (what autocast_for returns), for methods that take extra passes."""
+    def loss(m, batch):
+        with precision():
+            return loss_fn(m, batch)
+    return loss

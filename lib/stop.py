@@ -31,6 +31,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self._first_at = 0.0
         self._saving = False
+        self._finishing = False
         self._stop_now = False  # a "stop now" that came while saving, raised once the save is done
         self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -41,7 +42,7 @@ class StopRequest:
             return
         if name == self.signal_name and now - self._first_at < REPEAT_WINDOW_S:
             return  # the same request delivered twice (make forwards what the process group got)
-        if self._saving:
+        if self._saving or self._finishing:
             self._stop_now = True
             return
         raise KeyboardInterrupt
@@ -54,12 +55,12 @@ class StopRequest:
             yield
         finally:
             self._saving = False
-        if self._stop_now:
+        if self._stop_now and not self._finishing:
             raise KeyboardInterrupt
 
     def finishing(self) -> None:
         """From here to the end of the run (final checkpoint, summary), signals only get noted."""
-        self._saving, self._stop_now = True, False
+        self._finishing = True
 
     def check(self, device: torch.device) -> None:
         """Raise Interrupted once a signal came, on every rank at the same step."""

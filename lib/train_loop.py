@@ -25,7 +25,8 @@ from tqdm import tqdm
 from lib import checkpoint, distributed, optim
 from lib.batches import Prefetcher
 from lib.checkpoint import Progress
-from lib.device import autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads
+from lib.device import (autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads,
+                        with_precision)
 from lib.errors import KpruneError
 from lib.lr import lr_at
 from lib.pruning.build import budget_multiplier, build_pruner
@@ -246,7 +247,7 @@ def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tup
         if not math.isfinite(loss_value):
             raise Diverged(step, loss_value, s.grad_clip)
         if pruner is not None:
-            pruner.observe(Observation(step, model, batch, _with(precision, task.loss), micro_loss))
+            pruner.observe(Observation(step, model, batch, with_precision(precision, task.loss), micro_loss))
             pruner.after_backward()
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -283,13 +284,6 @@ def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tup
             loop.save()
         loop.stop.check(device)
     bar.close()
-
-
-def _with(precision, loss_fn):
-    def loss(m, batch):
-        with precision():
-            return loss_fn(m, batch)
-    return loss
 
 
 def _evaluate(loop: Loop, model: nn.Module, precision, step: int, target: float, sparsity: float,

@@ -177,12 +177,16 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file_and_says_so(tmp_pa
 
 
 def test_result_files_are_written_with_the_umask_not_0600(tmp_path):
+    from lib.kconfig import load_kconfig, write_config
+
     old = os.umask(0o022)
     try:
         write_bytes_atomic(tmp_path / "summary.json", b"{}")
+        write_config(load_kconfig(), tmp_path / "config")  # a run's copy of its .config
     finally:
         os.umask(old)
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "config").stat().st_mode & 0o777 == 0o644
 
 
 def test_divergence_hint_names_grad_clip_as_it_is():

@@ -36,8 +36,11 @@ def test_one_signal_stops_after_the_step(stop):
 
 def test_the_same_signal_twice_at_once_is_one_request(stop):
     # make forwards SIGTERM to its child when the process group gets it: two copies within milliseconds.
-    _signal(signal.SIGTERM)
-    _signal(signal.SIGTERM)
+    try:
+        _signal(signal.SIGTERM)
+        _signal(signal.SIGTERM)
+    except KeyboardInterrupt:  # would abort the whole pytest session: turn it into this test's failure
+        pytest.fail("a copy of the same SIGTERM was taken for 'stop now'")
     with pytest.raises(Interrupted):
         stop.check(CPU)
 
@@ -68,3 +71,14 @@ def test_once_finishing_signals_are_only_noted(stop):
     _signal(signal.SIGTERM)
     with pytest.raises(Interrupted):
         stop.check(CPU)
+
+
+def test_a_checkpoint_written_while_finishing_does_not_end_the_finishing(stop):
+    _signal(signal.SIGTERM)
+    stop.finishing()
+    with stop.saving():  # the final checkpoint
+        pass
+    try:
+        _signal(signal.SIGINT)  # while the summary is written
+    except KeyboardInterrupt:  # would abort the whole pytest session: turn it into this test's failure
+        pytest.fail("a signal cut the final summary short")
