@@ -58,12 +58,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
+            raise write_error(path, exc) from exc
         raise
     fsync_dir(path.parent)
 
 
-def _write_error(path: Path, exc: OSError) -> WriteError:
+def write_error(path: Path, exc: OSError) -> WriteError:
+    """The one line a failed write of `path` ends with."""
     reason = exc.strerror or str(exc)
     fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
     return WriteError(f"cannot write {path}: {reason}; it still holds what it held before: {fix} and run again")
@@ -164,7 +165,7 @@ class MetricsLog:
         try:
             self._f = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
-            raise _write_error(self.path, exc) from exc
+            raise write_error(self.path, exc) from exc
         self._failed = False
 
     def write(self, row: dict) -> None:
@@ -173,14 +174,14 @@ class MetricsLog:
             self._f.flush()
         except OSError as exc:  # a full disk: a partial last line is skipped by read_metrics
             self._failed = True
-            raise _write_error(self.path, exc) from exc
+            raise write_error(self.path, exc) from exc
 
     def close(self) -> None:
         try:
             self._f.close()
         except OSError as exc:
             if not self._failed:  # after a failed write, closing retries the same bytes: already reported
-                raise _write_error(self.path, exc) from exc
+                raise write_error(self.path, exc) from exc
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -14,10 +14,9 @@ import os
 import shlex
 from pathlib import Path
 
-from lib import checkpoint
 from lib.errors import KpruneError
 from lib.kconfig import kconfig_from_settings, write_config
-from lib.results import check_run_name, create_run_dir, run_status, write_text_atomic
+from lib.results import check_run_name, create_run_dir, run_status, write_error, write_text_atomic
 from lib.settings import Settings
 
 LOCK_NAME = ".lock"  # held by the process that runs in a run directory, for its lifetime
@@ -130,13 +129,18 @@ def open_run_dir(s: Settings, task, command: list[str], main: bool) -> tuple[Pat
     else:
         run_dir = create_run_dir(Path(s.output_dir), default_run_name(s, task))
         lock = RunLock(run_dir)
-    write_config(kconfig_from_settings(s), run_dir / "config")
+    try:
+        write_config(kconfig_from_settings(s), run_dir / "config")
+    except OSError as exc:  # kconfiglib writes the file itself: a full disk ends here
+        raise write_error(run_dir / "config", exc) from exc
     write_text_atomic(run_dir / "command", shlex.join(command) + "\n")
     return run_dir, lock
 
 
 def resume_hint(run_dir: Path | None) -> str:
     """How to continue: only a checkpoint that exists and matches its hash is offered."""
+    from lib import checkpoint  # torch: only a trainer needs it, not the matrix runner or make resume
+
     step = checkpoint.verify(run_dir) if run_dir is not None else None
     if step is None:
         return "no checkpoint was written, so it cannot be resumed: start the run again in a new directory"

@@ -235,13 +235,19 @@ def test_a_second_run_with_the_same_run_name_is_refused_and_touches_nothing(proj
     assert summary["status"] == "complete" and summary["seed"] == 1 and summary["iterations"] == 400
 
 
-def test_a_full_disk_mid_run_is_one_line_not_a_traceback(project):
-    def limit_files():  # files may not grow past 200 kB: the checkpoint cannot be written, the rest can
+def _lenet5_with_files_limited_to(project: Path, limit: int, name: str) -> subprocess.CompletedProcess:
+    """A run whose files may not grow past `limit` bytes: writes fail as on a full disk."""
+    def limit_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-    result = subprocess.run([sys.executable, "-m", "lenet5.train", "--output-dir", "results", "--run-name", "full",
-                             "--max-iters", "20", "--checkpoint-interval", "5", "--eval-interval", "20"],
-                            cwd=project, capture_output=True, text=True, preexec_fn=limit_files, timeout=300)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, "-m", "lenet5.train", "--output-dir", "results", "--run-name", name,
+                           "--max-iters", "20", "--checkpoint-interval", "5", "--eval-interval", "20"],
+                          cwd=project, capture_output=True, text=True, preexec_fn=limit_files, timeout=300)
+
+
+def test_a_full_disk_mid_run_is_one_line_not_a_traceback(project):
+    # 200 kB: config, summary and metrics fit, the checkpoint does not.
+    result = _lenet5_with_files_limited_to(project, 200_000, "full")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "cannot write results/full/checkpoint.pt: File too large" in errors[0]
@@ -249,6 +255,10 @@ def test_a_full_disk_mid_run_is_one_line_not_a_traceback(project):
     assert summary["status"] == "failed" and summary["iterations"] == 5
     assert "no checkpoint was written" in summary["error"]
     assert not (project / "results" / "full" / "checkpoint.json").exists()
+    # 1 kB: not even the run's copy of its config (written by kconfiglib) fits.
+    result = _lenet5_with_files_limited_to(project, 1000, "fuller")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write results/fuller/config: File too")
 
 
 def test_resnet_trains_on_a_cifar_format_archive(project, data_dir):

@@ -20,9 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lib import results
 from lib.errors import KpruneError
 from lib.matrix.plan import Plan, plan_table
-from lib import results
 from lib.results import write_json_atomic, write_text_atomic
 from lib.run_dir import set_aside
 
