@@ -26,8 +26,11 @@ os.umask(_UMASK)
 MAX_NAME_BYTES = 255  # one path component on every common file system
 
 
-class WriteError(KpruneError):
-    """A result file could not be written (a full disk, a read-only directory); the old one is intact."""
+class WriteError(KpruneError, OSError):
+    """A result file could not be written (a full disk, a read-only directory); the old one is intact.
+
+    Still an OSError, so callers that already turn write failures into their own message keep doing so.
+    """
 
 
 def make_shareable(fd: int) -> None:
