@@ -37,7 +37,7 @@ help:
 	@echo "  command            print the trainer command .config gives"
 	@echo "  schedule           print the sparsity .config reaches at each mask update; plot it"
 	@echo "  train (default)    run the trainer .config selects; last line: results: <dir>"
-	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir>"
+	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir> (default: the newest)"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
@@ -116,6 +116,7 @@ compare: $(STAMP)
 train: $(STAMP)
 	@$(KCONFIG) train
 
+# Without RESUME: the newest interrupted run in OUTPUT_DIR.
 resume: $(STAMP)
 	@$(KCONFIG) resume
 

@@ -7,6 +7,9 @@ data position, every RNG state, the settings and .config) and
 atomically, the .pt first, so the .json always describes a complete file.
 Loading checks the hash and that the run asking is the same run: same model,
 same settings (apart from where it writes and how many threads it uses).
+
+`save_run` and `resume_run` are what the training loop calls: they gather
+and restore the model, optimizer, pruner, data position, RNG and `Progress`.
 """
 
 from __future__ import annotations
@@ -15,17 +18,31 @@ import hashlib
 import io
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lib import distributed
 from lib.errors import KpruneError
-from lib.results import write_bytes_atomic, write_json_atomic
+from lib.results import read_json, read_metrics, run_status, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 FORMAT = 1
 # Settings that may differ between the interrupted run and its resumption.
 MAY_DIFFER = frozenset({"output_dir", "run_name", "resume_from", "threads", "checkpoint_interval", "data_workers"})
+
+
+@dataclass
+class Progress:
+    """Where the loop is: what a checkpoint restores besides the tensors, and what the summary reports."""
+
+    step: int = 0
+    train_time_s: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+    last_loss: float = float("nan")
+    items_per_step: int = 0  # per optimizer step: micro-batch items x accumulation steps
+    data_state: dict | None = None  # the data position after the last batch consumed (with prefetching)
 
 
 def rng_state() -> dict:
@@ -56,6 +73,25 @@ def save(run_dir: Path, payload: dict) -> Path:
     return path
 
 
+_DAMAGED = ("the checkpoint of {run_dir} is damaged and cannot be resumed: start the run again "
+            "in a new directory (another RUN_NAME)")
+
+
+def verify(run_dir: Path) -> int | None:
+    """The step of `run_dir`'s checkpoint if checkpoint.pt and checkpoint.json exist and match, else None."""
+    meta_path, path = Path(run_dir) / "checkpoint.json", Path(run_dir) / "checkpoint.pt"
+    try:
+        meta = read_json(meta_path, "")
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    except (OSError, KpruneError):
+        return None
+    step = meta.get("step")
+    return step if digest.hexdigest() == meta.get("sha256") and isinstance(step, int) else None
+
+
 def load(run_dir: Path, model_name: str, settings: dict) -> dict:
     """The checkpoint of `run_dir`, verified; KpruneError says why one cannot be used."""
     run_dir = Path(run_dir)
@@ -63,7 +99,7 @@ def load(run_dir: Path, model_name: str, settings: dict) -> dict:
     if not meta_path.exists() or not path.exists():
         raise KpruneError(f"{run_dir} has no checkpoint to resume from (checkpoint.pt and checkpoint.json); "
                           "runs write one when interrupted and every CHECKPOINT_INTERVAL steps")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path, _DAMAGED.format(run_dir=run_dir))
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise KpruneError(f"{path} is corrupt: its sha256 does not match checkpoint.json; it cannot be resumed")
@@ -80,3 +116,45 @@ def load(run_dir: Path, model_name: str, settings: dict) -> dict:
         raise KpruneError(f"{path} was written with other settings ({details}); resume with the run's own "
                           f"config ({run_dir / 'config'}), e.g. make resume RESUME={run_dir}")
     return payload
+
+
+def save_run(run_dir: Path | None, settings, task, optimizer, pruner, progress: Progress) -> None:
+    """Checkpoint the run at `progress.step`. Every rank takes part (each has its own data position)."""
+    data = distributed.gather(progress.data_state if progress.data_state is not None else task.data_state())
+    if run_dir is None:  # ranks other than 0 write nothing
+        return
+    save(run_dir, {
+        "step": progress.step, "model_name": task.name, "settings": settings.as_dict(),
+        "config": (run_dir / "config").read_text(encoding="utf-8"),
+        "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+        "pruner": pruner.state_dict() if pruner is not None else None,
+        "rng": rng_state(), "data": data,
+        "loop": {"train_time_s": progress.train_time_s, "last_eval": progress.last_eval,
+                 "last_loss": progress.last_loss},
+    })
+
+
+def resume_run(run_dir: Path, settings, task, optimizer, pruner, progress: Progress,
+               rewrite_metrics: bool = True) -> None:
+    """Restore everything `save_run` wrote into the live objects; drop metrics rows after the checkpoint."""
+    if run_status(run_dir) == "complete":
+        raise KpruneError(f"{run_dir} is complete: nothing to resume")
+    payload = load(run_dir, task.name, settings.as_dict())
+    task.model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if pruner is not None:
+        pruner.load_state_dict(payload["pruner"])
+    rank, size = distributed.world()
+    if len(payload["data"]) != size:
+        raise KpruneError(f"{run_dir} was checkpointed by {len(payload['data'])} processes, not {size}")
+    task.load_data_state(payload["data"][rank])
+    set_rng_state(payload["rng"])
+    progress.step = payload["step"]
+    progress.train_time_s = payload["loop"]["train_time_s"]
+    progress.last_eval, progress.last_loss = payload["loop"]["last_eval"], payload["loop"]["last_loss"]
+    if not rewrite_metrics:
+        return
+    # Rows logged after the checkpoint are redone: drop them so each step appears once.
+    metrics = Path(run_dir) / "metrics.jsonl"
+    rows = [r for r in read_metrics(metrics) if r.get("step", 0) <= progress.step] if metrics.exists() else []
+    write_text_atomic(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -58,3 +59,26 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h> constants
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+
+
+def configure_backends(s, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = s.tf32
+        torch.backends.cudnn.allow_tf32 = s.tf32
+
+
+def autocast_for(s, device: torch.device):
+    """A context-manager factory: bf16 autocast where configured, else a no-op."""
+    use_bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda"
+                                          and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def with_precision(precision, loss_fn):
+    """`loss_fn` run under `precision` (what autocast_for returns), for methods that take extra passes."""
+    def loss(m, batch):
+        with precision():
+            return loss_fn(m, batch)
+    return loss

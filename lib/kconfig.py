@@ -20,6 +20,7 @@ from typing import Any
 import kconfiglib
 
 from lib.errors import ConfigError
+from lib.results import make_shareable
 from lib.settings import BY_SYMBOL, OPTIONS, Settings, options_for, parse_decimal, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -391,6 +392,7 @@ def write_config(kconf: kconfiglib.Kconfig, path: Path, minimal: bool = False) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    make_shareable(fd)  # a run's config is shared like its other result files
     os.close(fd)
     try:
         if minimal:

@@ -3,8 +3,8 @@
 Each field of `Settings` is one Kconfig symbol (or named choice) and one
 trainer flag: the field name gives the flag (`block_size` -> `--block-size`),
 its metadata gives the symbol. `OPTIONS` is that table; `lib/kconfig.py`
-turns a `.config` into flags with it, and `build_parser` turns flags back
-into `Settings` with it. Defaults are not repeated here: they are read from
+turns a `.config` into flags with it, and `lib/cli.py`'s `build_parser` turns
+flags back into `Settings` with it. Defaults are not repeated here: they are read from
 the Kconfig tree, so `--help` always shows what `make defconfig` would give.
 """
 
@@ -16,6 +16,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
+
+from lib.results import check_run_name
 
 ALL_MODELS = ("gpt2", "lenet5", "resnet")
 
@@ -216,52 +218,6 @@ def options_for(model: str) -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if model in o.models)
 
 
-def build_parser(model: str, prog: str, description: str) -> argparse.ArgumentParser:
-    """The trainer's command line: one flag per option, defaults from Kconfig."""
-    from lib.kconfig import kconfig_defaults, load_kconfig  # kconfiglib parse only when needed
-
-    kconf = load_kconfig()
-    defaults = kconfig_defaults(kconf, model)
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for opt in options_for(model):
-        sym = kconf.syms.get(opt.symbol) or kconf.named_choices[opt.symbol]
-        help_text = (_first_line_of_help(sym) + f" [Kconfig: {opt.symbol}]").replace("%", "%%")
-        default = defaults[opt.name]
-        if opt.kind is bool:
-            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
-            continue
-        choices = None
-        if opt.name == "model":
-            choices = [model]
-        elif opt.symbol in kconf.named_choices:
-            from lib.kconfig import choice_values
-            choices = list(choice_values(kconf.named_choices[opt.symbol]))
-        parser.add_argument(opt.flag, dest=opt.name, type=_argparse_type(opt), default=default,
-                            choices=choices, help=help_text)
-    return parser
-
-
-def _argparse_type(opt: Option):
-    def convert(text: str):
-        try:
-            return opt.parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{opt.flag} (Kconfig {opt.symbol}): {exc}") from None
-    convert.__name__ = opt.kind.__name__
-    return convert
-
-
-def _first_line_of_help(item) -> str:
-    for node in item.nodes:
-        if node.help:
-            return node.help.strip().split("\n\n")[0].replace("\n", " ")
-        if node.prompt:
-            return node.prompt[0]
-    return ""
-
-
 def settings_from_namespace(ns: argparse.Namespace) -> Settings:
     values = {name: getattr(ns, name, None) for name in (f.name for f in fields(Settings))}
     return Settings(**values)
@@ -274,6 +230,10 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
 
     problems: list[tuple[str, str]] = []
     s = settings
+    if s.run_name:
+        problem = check_run_name(s.run_name)
+        if problem:
+            problems.append(("RUN_NAME", problem))
     if s.min_lr is not None and s.lr is not None and s.min_lr > s.lr:
         problems.append(("MIN_LR", f"{s.min_lr:g} is above LR ({s.lr:g}); the cosine decays from LR down to MIN_LR"))
     if s.pruning_method == "state" and s.optimizer != "adamwprune":

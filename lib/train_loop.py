@@ -3,16 +3,14 @@
 A trainer describes its model and data as a `Task`; `run()` does the rest:
 seeding, device, optimizer, pruning, learning-rate schedule, evaluation,
 progress display, metrics, divergence and interruption handling, and the
-results directory.
+results directory. Checkpoints live in lib/checkpoint.py, summary.json in
+lib/summary.py, signal handling in lib/stop.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,18 +23,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from lib import checkpoint, distributed, optim
-from lib.errors import KpruneError
 from lib.batches import Prefetcher
-from lib.device import keep_freed_memory, pick_device, seed_everything, set_threads
-from lib.kconfig import kconfig_from_settings, write_config
+from lib.checkpoint import Progress
+from lib.device import (autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads,
+                        with_precision)
+from lib.errors import KpruneError
 from lib.lr import lr_at
-from lib.memory import memory_by_kind
 from lib.pruning.build import budget_multiplier, build_pruner
 from lib.pruning.methods import Observation
 from lib.pruning.pruner import Pruner
-from lib.results import MetricsLog, claim_run_dir, create_run_dir, read_metrics, write_json_atomic, write_text_atomic
+from lib.results import MetricsLog, write_json_atomic
+from lib.run_dir import open_run_dir, resume_hint
 from lib.settings import Settings
-from lib.tracking import start_trackers
+from lib.stop import Diverged, Interrupted, StopRequest
+from lib.summary import base_summary, count_params, final_summary, missed_target
+from lib.tracking import Trackers, start_trackers
 
 
 @dataclass
@@ -59,8 +60,29 @@ class Task:
     load_data_state: Callable[[dict], None] = lambda state: None
 
 
-class Interrupted(Exception):
-    pass
+@dataclass
+class Loop:
+    """What the step loop works with: built once by run(), shared by every step."""
+
+    settings: Settings
+    task: Task
+    optimizer: torch.optim.Optimizer
+    pruner: Pruner | None
+    iterations: int
+    progress: Progress
+    stop: StopRequest
+    run_dir: Path | None                             # None on ranks other than 0: they write nothing
+    metrics: MetricsLog | None = None
+    trackers: Trackers | None = None                 # experiment trackers fed by `metrics`, finished last
+
+    def save(self) -> None:
+        """Checkpoint now; a signal never cuts the write short."""
+        with self.stop.saving():
+            checkpoint.save_run(self.run_dir, self.settings, self.task, self.optimizer, self.pruner, self.progress)
+
+    def log(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(row)
 
 
 def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task], command: list[str]) -> int:
@@ -83,168 +105,91 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
     optimizer = optim.build_optimizer(task.model, settings)
     pruner, adaptive = None, None
     if settings.pruning_method != "none":
-        pruner, adaptive = build_pruner(settings, task.prunable, optimizer, _count_params(task.model))
+        pruner, adaptive = build_pruner(settings, task.prunable, optimizer, count_params(task.model))
     multiplier = budget_multiplier(settings)
     iterations = int(round(settings.max_iters * multiplier))
-    state = _LoopState(items_per_step=task.items_per_step * settings.grad_accum_steps)
+    progress = Progress(items_per_step=task.items_per_step * settings.grad_accum_steps)
 
-    main = rank == 0  # only rank 0 writes results
-    if settings.resume_from:
-        run_dir = Path(settings.resume_from)
-        _resume(run_dir, settings, task, optimizer, pruner, state, rewrite_metrics=main)
-        print(f"resuming {run_dir} after step {state.step}", file=sys.stderr, flush=True)
-    elif not main:
-        run_dir = None
-    else:
-        if settings.run_name:
-            run_dir = claim_run_dir(Path(settings.output_dir), settings.run_name)
-        else:
-            run_dir = create_run_dir(Path(settings.output_dir), _run_name(settings, task))
-        write_config(kconfig_from_settings(settings), run_dir / "config")
-        write_text_atomic(run_dir / "command", " ".join(_quote(a) for a in command) + "\n")
-
-    trackers = start_trackers(settings, run_dir) if main else None  # W&B / trackio / TensorBoard, if selected
-    summary = _base_summary(settings, task, optimizer, pruner, device)
-    summary.update({"budget_multiplier": multiplier, "iterations_planned": iterations, "adaptive": adaptive})
-    if main:
-        write_json_atomic(run_dir / "summary.json", {**summary, "status": "running"})
-    sinks = [trackers.log_row] if trackers else []
-    metrics = MetricsLog(run_dir / "metrics.jsonl", sinks) if main else _NoMetrics()
-    stop = _StopRequest()
-    status, exit_code = "complete", 0
-    save = functools.partial(_save_checkpoint, run_dir, settings, task, optimizer, pruner, state)
+    main = rank == 0  # only rank 0 writes results, and holds the run directory's lock
+    run_dir, lock = open_run_dir(settings, task, command, main)
     try:
-        _train(settings, iterations, task, optimizer, pruner, metrics, state, stop, save)
-        if settings.checkpoint_interval:
-            save()
+        trackers = start_trackers(settings, run_dir) if main else None  # W&B / trackio / TensorBoard, if chosen
+        if settings.resume_from:
+            checkpoint.resume_run(run_dir, settings, task, optimizer, pruner, progress, rewrite_metrics=main)
+            print(f"resuming {run_dir} after step {progress.step}", file=sys.stderr, flush=True)
+        summary = base_summary(settings, task, optimizer, pruner, device)
+        summary.update({"budget_multiplier": multiplier, "iterations_planned": iterations, "adaptive": adaptive})
+        if main:
+            write_json_atomic(run_dir / "summary.json", {**summary, "status": "running"})
+        metrics = MetricsLog(run_dir / "metrics.jsonl", [trackers.log_row] if trackers else []) if main else None
+        loop = Loop(settings, task, optimizer, pruner, iterations, progress, StopRequest(), run_dir if main else None,
+                    metrics, trackers)
+        return _run_loop(loop, summary)
+    finally:
+        if lock is not None:
+            lock.release()
+        distributed.finish()
+
+
+def _run_loop(loop: Loop, summary: dict) -> int:
+    """Train, then record how the run ended in summary.json; returns the exit status."""
+    st, stop = loop.progress, loop.stop
+    status, exit_code, prefix = "complete", 0, "run"
+    try:
+        _train(loop)
+        if loop.settings.checkpoint_interval:
+            loop.save()
+        missed = missed_target(loop.pruner)
+        if missed:
+            status, exit_code = "failed", 1
+            summary["error"] = missed
     except Interrupted as exc:
+        stop.finishing()  # from here on a signal never cuts the checkpoint or the summary short
         status, exit_code = "interrupted", 130
-        summary["error"] = f"stopped by {exc} after step {state.step}; continue with make resume RESUME={run_dir}"
-        save()
+        note = ""
+        try:
+            loop.save()
+        except KpruneError as error:  # e.g. a full disk: the previous checkpoint is intact
+            note = f"; the checkpoint could not be written ({error})"
+        summary["error"] = f"stopped by {exc} after step {st.step}{note}; {resume_hint(loop.run_dir)}"
     except KeyboardInterrupt:
+        stop.finishing()
         status, exit_code = "interrupted", 130
-        summary["error"] = f"stopped mid-step by a second signal after step {state.step}; no new checkpoint"
+        summary["error"] = f"stopped mid-step by a second signal after step {st.step}; {resume_hint(loop.run_dir)}"
     except Diverged as exc:
         status, exit_code = "diverged", 3
         summary["error"] = str(exc)
         summary["diverged_at_step"] = exc.step
+    except KpruneError as exc:  # bad data met mid-run, a full disk: one line, not a traceback
+        status, exit_code, prefix = "failed", 2, "error: run"
+        summary["error"] = f"{exc}; {resume_hint(loop.run_dir)}"
     except Exception as exc:
         status, exit_code = "failed", 1
         summary["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        stop.restore()
-        metrics.close()
-        summary.update(_final_summary(task, optimizer, pruner, state))
-        summary["status"] = status
-        summary["world_size"] = distributed.world()[1]
-        if main:
-            write_json_atomic(run_dir / "summary.json", summary)
-            if trackers:
-                trackers.finish(summary)
-            if status != "complete":
-                print(f"run {status}: {summary.get('error', '')}", file=sys.stderr)
-            print(f"results: {run_dir}", flush=True)
-        distributed.finish()
+        stop.finishing()
+        try:
+            if loop.metrics is not None:
+                loop.metrics.close()
+            summary.update(final_summary(loop.task, loop.optimizer, loop.pruner, st))
+            summary["status"] = status
+            summary["world_size"] = distributed.world()[1]
+            if loop.run_dir is not None:
+                write_json_atomic(loop.run_dir / "summary.json", summary)
+                if loop.trackers is not None:
+                    loop.trackers.finish(summary)
+                if status != "complete":
+                    print(f"{prefix} {status}: {summary.get('error', '')}", file=sys.stderr)
+                print(f"results: {loop.run_dir}", flush=True)
+        finally:
+            stop.restore()
     return exit_code
 
 
-class _NoMetrics:
-    """What ranks other than 0 log into."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _StopRequest:
-    """SIGINT and SIGTERM ask the loop to stop after the step in progress, so the
-    checkpoint it then writes is of a whole step."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def check(self, device: torch.device) -> None:
-        """Raise Interrupted once a signal came, on every rank at the same step."""
-        requested = self.signal_name is not None
-        if distributed.world()[1] > 1:  # ranks may see the signal at different steps: agree first
-            requested = distributed.mean(float(requested), device) > 0
-        if requested:
-            raise Interrupted(self.signal_name or "a signal to another rank")
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _save_checkpoint(run_dir: Path | None, s: Settings, task: Task, optimizer, pruner: Pruner | None,
-                     st: "_LoopState") -> None:
-    # Every rank's data position (each reads its own shard); rank 0 writes.
-    data = distributed.gather(st.data_state if st.data_state is not None else task.data_state())
-    if run_dir is None:
-        return
-    checkpoint.save(run_dir, {
-        "step": st.step, "model_name": task.name, "settings": s.as_dict(),
-        "config": (run_dir / "config").read_text(encoding="utf-8"),
-        "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
-        "pruner": pruner.state_dict() if pruner is not None else None,
-        "rng": checkpoint.rng_state(), "data": data,
-        "loop": {"train_time_s": st.train_time_s, "last_eval": st.last_eval, "last_loss": st.last_loss},
-    })
-
-
-def _resume(run_dir: Path, s: Settings, task: Task, optimizer, pruner: Pruner | None, st: "_LoopState",
-            rewrite_metrics: bool = True) -> None:
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text(encoding="utf-8")).get("status") == "complete":
-        raise KpruneError(f"{run_dir} is complete: nothing to resume")
-    payload = checkpoint.load(run_dir, task.name, s.as_dict())
-    task.model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    if pruner is not None:
-        pruner.load_state_dict(payload["pruner"])
-    rank, size = distributed.world()
-    if len(payload["data"]) != size:
-        raise KpruneError(f"{run_dir} was checkpointed by {len(payload['data'])} processes, not {size}")
-    task.load_data_state(payload["data"][rank])
-    checkpoint.set_rng_state(payload["rng"])
-    st.step = payload["step"]
-    st.train_time_s = payload["loop"]["train_time_s"]
-    st.last_eval, st.last_loss = payload["loop"]["last_eval"], payload["loop"]["last_loss"]
-    if not rewrite_metrics:
-        return
-    # Rows logged after the checkpoint are redone: drop them so each step appears once.
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step", 0) <= st.step]
-    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
-class Diverged(Exception):
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"loss became {loss} at step {step}; lower LR or enable GRAD_CLIP")
-        self.step = step
-
-
-@dataclass
-class _LoopState:
-    step: int = 0
-    train_time_s: float = 0.0
-    last_eval: dict = field(default_factory=dict)
-    last_loss: float = float("nan")
-    items_per_step: int = 0  # per optimizer step: micro-batch items x accumulation steps
-    data_state: dict | None = None  # the data position after the last batch consumed (with prefetching)
-
-
-def _train(s: Settings, iterations: int, task: Task, optimizer, pruner: Pruner | None, metrics: MetricsLog,
-           st: _LoopState, stop: _StopRequest, save: Callable[[], None]) -> None:
+def _train(loop: Loop) -> None:
     # DDP and the compiled module share the parameters: optimizer and masks act on them directly.
+    s, task, st = loop.settings, loop.task, loop.progress
     device = next(task.model.parameters()).device
     model = task.model
     if distributed.world()[1] > 1:
@@ -260,15 +205,15 @@ def _train(s: Settings, iterations: int, task: Task, optimizer, pruner: Pruner |
         st.data_state = prefetcher.last_snapshot  # the position after this batch, for a checkpoint
         return batch
     try:
-        _steps(s, iterations, task, model, precision, next_batch, optimizer, pruner, metrics, st, stop, save)
+        _steps(loop, model, precision, next_batch)
     finally:
         if prefetcher is not None:
             prefetcher.close()
 
 
-def _steps(s: Settings, iterations: int, task: Task, model: nn.Module, precision, next_batch, optimizer,
-           pruner: Pruner | None, metrics: MetricsLog, st: _LoopState, stop: _StopRequest,
-           save: Callable[[], None]) -> None:
+def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tuple]) -> None:
+    s, task, optimizer, pruner, st = loop.settings, loop.task, loop.optimizer, loop.pruner, loop.progress
+    iterations = loop.iterations
     params = [p for g in optimizer.param_groups for p in g["params"]]
     accum = s.grad_accum_steps
     device = params[0].device
@@ -278,7 +223,7 @@ def _steps(s: Settings, iterations: int, task: Task, model: nn.Module, precision
     print_eval = bar.write if interactive else (lambda m: talk and print(m, file=sys.stderr, flush=True))
     window_time, window_steps, window_loss = 0.0, 0, 0.0
     if st.step == 0:
-        _evaluate(task, model, precision, metrics, st, 0, 0.0, 0.0, print_eval)  # where training starts from
+        _evaluate(loop, model, precision, 0, 0.0, 0.0, print_eval)  # where training starts from
     bar.update(st.step)
     for step in range(st.step + 1, iterations + 1):
         t0 = time.perf_counter()
@@ -299,9 +244,9 @@ def _steps(s: Settings, iterations: int, task: Task, model: nn.Module, precision
             loss_value += micro_loss / accum
         loss_value = distributed.mean(loss_value, device)  # every rank decides alike
         if not math.isfinite(loss_value):
-            raise Diverged(step, loss_value)
+            raise Diverged(step, loss_value, s.grad_clip)
         if pruner is not None:
-            pruner.observe(Observation(step, model, batch, _with(precision, task.loss), micro_loss))
+            pruner.observe(Observation(step, model, batch, with_precision(precision, task.loss), micro_loss))
             pruner.after_backward()
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -327,115 +272,24 @@ def _steps(s: Settings, iterations: int, task: Task, model: nn.Module, precision
                 row["mask_update"] = True
                 row["pruned_count"] = update.pruned_count
                 row["target_count"] = update.target_count
-            metrics.write(row)
+            loop.log(row)
             if not interactive and talk:
                 print(f"step {step}/{iterations} loss {row['loss']:.4f} lr {lr:.2e} "
                       f"sparsity {sparsity:.4f} {throughput:,.0f} {task.item_unit}/s", file=sys.stderr, flush=True)
             window_time, window_steps, window_loss = 0.0, 0, 0.0
         if step % s.eval_interval == 0 or step == iterations:
-            _evaluate(task, model, precision, metrics, st, step, target, sparsity, print_eval)
+            _evaluate(loop, model, precision, step, target, sparsity, print_eval)
         if s.checkpoint_interval and step % s.checkpoint_interval == 0 and step < iterations:
-            save()
-        stop.check(device)
+            loop.save()
+        loop.stop.check(device)
     bar.close()
 
 
-def _with(precision, loss_fn):
-    def loss(m, batch):
-        with precision():
-            return loss_fn(m, batch)
-    return loss
-
-
-def _evaluate(task: Task, model: nn.Module, precision, metrics: MetricsLog, st: _LoopState, step: int,
-              target: float, sparsity: float, write: Callable[[str], None]) -> None:
+def _evaluate(loop: Loop, model: nn.Module, precision, step: int, target: float, sparsity: float,
+              write: Callable[[str], None]) -> None:
     model.eval()
     with torch.no_grad(), precision():
-        result = task.evaluate(model)
-    st.last_eval = result
-    metrics.write({"step": step, "target_sparsity": target, "achieved_sparsity": sparsity, **result})
+        result = loop.task.evaluate(model)
+    loop.progress.last_eval = result
+    loop.log({"step": step, "target_sparsity": target, "achieved_sparsity": sparsity, **result})
     write(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
-
-
-def configure_backends(s: Settings, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = s.tf32
-        torch.backends.cudnn.allow_tf32 = s.tf32
-
-
-def autocast_for(s: Settings, device: torch.device):
-    """A context-manager factory: bf16 autocast where configured, else a no-op."""
-    use_bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda"
-                                          and torch.cuda.is_bf16_supported())
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _run_name(s: Settings, task: Task) -> str:
-    method = s.pruning_method if s.pruning_method != "state" else s.state_variant
-    return f"{task.name}-{method}-s{s.seed}"
-
-
-def _quote(arg: str) -> str:
-    safe = all(c.isalnum() or c in "-_./=:,+@%" for c in arg)
-    return arg if arg and safe else "'" + arg.replace("'", "'\\''") + "'"
-
-
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _base_summary(s: Settings, task: Task, optimizer, pruner: Pruner | None, device: torch.device) -> dict:
-    n_params = _count_params(task.model)
-    return {
-        "model": task.name,
-        "model_family": s.model,
-        "optimizer": optim.describe(optimizer, s),
-        "pruning_method": s.pruning_method,
-        "variant": s.variant,
-        "schedule": None if pruner is None else {
-            "kind": pruner.schedule.kind, "start": pruner.schedule.start, "end": pruner.schedule.end,
-            "initial": pruner.schedule.initial, "final": pruner.schedule.final,
-            "frequency": pruner.schedule.frequency},
-        "target_sparsity": s.target_sparsity if pruner is not None else 0.0,
-        "prunable_params": pruner.numel if pruner is not None else sum(p.numel() for _, p in task.prunable),
-        "params": n_params,
-        "seed": s.seed,
-        "device": str(device),
-        "torch": torch.__version__,
-        "items_per_step": task.items_per_step * s.grad_accum_steps,
-        "threads": torch.get_num_threads(),
-        "settings": s.as_dict(),
-        **task.extra_summary,
-    }
-
-
-@torch.no_grad()
-def _final_summary(task: Task, optimizer, pruner: Pruner | None, st: _LoopState) -> dict:
-    out: dict = {"iterations": st.step, "wall_time_s": st.train_time_s, "final_train_loss": st.last_loss,
-                 "throughput": st.items_per_step * st.step / st.train_time_s if st.train_time_s else 0.0,
-                 "throughput_unit": f"{task.item_unit}/s"}
-    out.update(st.last_eval)
-    out["quality_metric"] = task.quality_key
-    # Sparsity counted from the weights themselves, per layer group and over the pool.
-    groups: dict[str, list[int]] = {}
-    names_params = [(n, p) for n, p in ({id(p): (n, p) for n, p in task.prunable}.values())]
-    for name, p in names_params:
-        g = groups.setdefault(task.group_of(name), [0, 0])
-        g[0] += int((p == 0).sum())
-        g[1] += p.numel()
-    zeros = sum(z for z, _ in groups.values())
-    total = sum(n for _, n in groups.values())
-    out["final_sparsity"] = zeros / total if total else 0.0
-    out["final_pruned_count"] = zeros
-    out["sparsity_by_group"] = {g: z / n for g, (z, n) in groups.items()}
-    if pruner is not None:
-        out["mask_pruned_count"] = pruner.masks.count()
-        out["mask_updates"] = [u.__dict__ for u in pruner.updates]
-        out["target_count_exact"] = all(u.pruned_count == u.target_count for u in pruner.updates)
-    out["memory"] = memory_by_kind(task.model, optimizer, pruner)
-    device = next(task.model.parameters()).device
-    if device.type == "cuda":
-        out["memory"]["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
-    return out

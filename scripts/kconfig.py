@@ -4,7 +4,7 @@
     python -m scripts.kconfig olddefconfig | savedefconfig | check | list
     python -m scripts.kconfig command [--set ...]   # print the trainer command
     python -m scripts.kconfig train [--set ...]     # print it, then run it
-    python -m scripts.kconfig resume RUN_DIR        # continue an interrupted run
+    python -m scripts.kconfig resume [RUN_DIR]      # continue an interrupted run (default: the newest)
 
 Every command that reads .config applies `--set` overrides first (`make
 <target> SET="..."` hands them over in the environment as KPRUNE_SET, the
@@ -130,11 +130,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    """Continue an interrupted run from its checkpoint, with the run's own config."""
-    if not args.run:
-        print("usage: make resume RESUME=<run directory>", file=sys.stderr)
-        return 2
-    run_dir = Path(args.run)
+    """Continue an interrupted run from its checkpoint, with the run's own config.
+
+    Without a directory: the newest interrupted run with a checkpoint in OUTPUT_DIR.
+    """
+    from lib.run_dir import newest_interrupted  # torch is imported only when a run is resumed
+
+    if args.run:
+        run_dir = Path(args.run)
+    else:
+        output_dir = Path(settings_from_kconfig(read_config(DOT_CONFIG)[0]).output_dir
+                          if DOT_CONFIG.exists() else "results")
+        run_dir = newest_interrupted(output_dir)
+        if run_dir is None:
+            raise KpruneError(f"no interrupted run with a checkpoint in {output_dir}/; "
+                              "name the run to continue: make resume RESUME=<run directory>")
+        print(f"resuming the newest interrupted run in {output_dir}/: {run_dir}", file=sys.stderr)
+    if not (run_dir / "config").is_file():
+        raise KpruneError(f"{run_dir} is not a run directory (it has no config file): "
+                          "make resume RESUME=<run directory> names a directory that make train wrote")
     kconf, seen = read_config(run_dir / "config")
     apply_overrides(kconf, seen, [f"RESUME_FROM={run_dir}"] + _overrides(args.set))
     argv = trainer_command(kconf)
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         ("list", cmd_list, "list the defconfigs"),
         ("command", cmd_command, "print the trainer command for .config"),
         ("train", cmd_train, "print the trainer command for .config and run it"),
-        ("resume", cmd_resume, "continue the interrupted run in a directory (its own config)"),
+        ("resume", cmd_resume, "continue an interrupted run (its own config); default: the newest"),
     ]:
         p = sub.add_parser(name, help=about)
         p.set_defaults(func=func)
@@ -164,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "defconfig":
             p.add_argument("name")
         if name == "resume":
-            p.add_argument("run", nargs="?", default=make_variable("RESUME"), help="the run directory (make's RESUME=)")
+            p.add_argument("run", nargs="?", default=make_variable("RESUME"),
+                           help="the run directory (make's RESUME=; default: the newest interrupted run)")
         if name == "savedefconfig":
             p.add_argument("--output", default="defconfig")
     args = parser.parse_args(argv)

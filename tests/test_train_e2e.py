@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from lib import checkpoint
 from lib.kconfig import REPO_ROOT, read_config, settings_from_kconfig
 from lib.pruning.pruner import target_count
 from lib.results import read_metrics
@@ -167,6 +169,96 @@ def test_sigterm_leaves_an_interrupted_summary(project):
     assert proc.returncode == 130
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "interrupted" and 0 < summary["iterations"] < 100000
+
+
+def _max_step(metrics: Path) -> int:
+    return max((r["step"] for r in read_metrics(metrics) if "loss" in r), default=0) if metrics.exists() else 0
+
+
+def test_sigterm_to_makes_process_group_leaves_a_checkpoint_that_make_resume_finishes(project):
+    # A terminal's Ctrl-C or a job scheduler signals the whole process group: the trainer gets SIGTERM
+    # from the group and again from make, which forwards what it got. That is one request, not "stop now".
+    make(project, "defconfig-lenet5-magnitude")
+    quick = ("MAX_ITERS=300 BATCH_SIZE=32 SCHEDULE_START=2 SCHEDULE_END=200 SCHEDULE_FREQUENCY=10 "
+             "EVAL_INTERVAL=300 LOG_INTERVAL=1 LR_WARMUP_ITERS=2 RUN_NAME=cut")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    proc = subprocess.Popen(["make", "--no-print-directory", "train", f"SET={quick}"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = project / "results" / "cut"
+    deadline = time.time() + 180
+    while _max_step(run_dir / "metrics.jsonl") < 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out + err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary.get("error")
+    step = checkpoint.verify(run_dir)  # checkpoint.pt and checkpoint.json both there, and matching
+    assert step is not None and 20 <= step < 300 and summary["iterations"] == step
+    assert "make resume RESUME=results/cut" in summary["error"]
+    # Result files are for sharing: the umask decides, not mkstemp's 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config", "command", "metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+    # The same RUN_NAME again is refused, and says how to resume; nothing in the directory changes.
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    again = make(project, "train", f"SET={quick}", check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "make resume RESUME=results/cut" in again.stderr and "remove it yourself" in again.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+    # make resume without RESUME continues the newest interrupted run, to the end.
+    make(project, "resume")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["iterations"] == 300
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 301))
+
+
+def test_a_second_run_with_the_same_run_name_is_refused_and_touches_nothing(project):
+    first = _trainer(project, "lenet5", "--max-iters", "400", "--log-interval", "1", "--eval-interval", "400",
+                     "--run-name", "shared", "--seed", "1")
+    run_dir = project / "results" / "shared"
+    deadline = time.time() + 120
+    while _max_step(run_dir / "metrics.jsonl") < 2 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    command = (run_dir / "command").read_text()
+    second = _trainer(project, "lenet5", "--max-iters", "4", "--run-name", "shared", "--seed", "2")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and err.strip().splitlines()[-1].startswith("error: another process is running in")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert (run_dir / "command").read_text() == command and "--seed 1" in command
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["seed"] == 1 and summary["iterations"] == 400
+
+
+def _lenet5_with_files_limited_to(project: Path, limit: int, name: str) -> subprocess.CompletedProcess:
+    """A run whose files may not grow past `limit` bytes: writes fail as on a full disk."""
+    def limit_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, "-m", "lenet5.train", "--output-dir", "results", "--run-name", name,
+                           "--max-iters", "20", "--checkpoint-interval", "5", "--eval-interval", "20"],
+                          cwd=project, capture_output=True, text=True, preexec_fn=limit_files, timeout=300)
+
+
+def test_a_full_disk_mid_run_is_one_line_not_a_traceback(project):
+    # 200 kB: config, summary and metrics fit, the checkpoint does not.
+    result = _lenet5_with_files_limited_to(project, 200_000, "full")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "cannot write results/full/checkpoint.pt: File too large" in errors[0]
+    summary = json.loads((project / "results" / "full" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["iterations"] == 5
+    assert "no checkpoint was written" in summary["error"]
+    assert not (project / "results" / "full" / "checkpoint.json").exists()
+    # 1 kB: not even the run's copy of its config (written by kconfiglib) fits.
+    result = _lenet5_with_files_limited_to(project, 1000, "fuller")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write results/fuller/config: File too")
 
 
 def test_resnet_trains_on_a_cifar_format_archive(project, data_dir):

@@ -3,8 +3,9 @@
 A matrix directory holds plan.json (and plan.md), runs/<run id>/ (each run's
 results contract, written by the trainer), logs/<run id>.log (its output) and
 status.json (what the runner saw). A run whose summary.json says `complete`
-is never run again; any other run is started afresh, so a matrix killed
-half-way and started again finishes only what was left.
+is never run again; any other run is started afresh (its old directory is
+kept under attempts/), so a matrix killed half-way and started again
+finishes only what was left.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lib import results
 from lib.errors import KpruneError
 from lib.matrix.plan import Plan, plan_table
 from lib.results import write_json_atomic, write_text_atomic
+from lib.run_dir import set_aside
 from lib.tracking import ENV_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -29,13 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 def run_status(run_dir: Path) -> str:
     """`complete`, `diverged`, `interrupted`, `failed`, `running` (or killed), or `pending`."""
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        return "pending"
-    try:
-        return json.loads(summary.read_text(encoding="utf-8")).get("status", "failed")
-    except json.JSONDecodeError:
-        return "failed"
+    status = results.run_status(run_dir)
+    return "failed" if status == "unreadable" else status  # a damaged summary.json: the run is done again
 
 
 def create_matrix_dir(results: Path, plan: Plan) -> Path:
@@ -141,6 +139,8 @@ class Runner:
             log_path = self.matrix_dir / "logs" / f"{run.id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             start = time.monotonic()
+            # The trainer never replaces a run directory: an unfinished one is kept, set aside.
+            set_aside(_run_dir(self.matrix_dir, run.id), self.matrix_dir / "attempts")
             with open(log_path, "w", encoding="utf-8") as log:
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)

@@ -13,7 +13,8 @@ from lib.errors import ConfigError
 from lib.kconfig import (REPO_ROOT, apply_overrides, choice_values, kconfig_from_settings, load_kconfig,
                          read_config, settings_errors, settings_from_kconfig, trainer_argv, write_config)
 from lib.matrix.plan import SELECTORS as MATRIX_SELECTORS, SETTINGS as MATRIX_SETTINGS
-from lib.settings import OPTIONS, build_parser, fields, settings_from_namespace, Settings
+from lib.cli import build_parser
+from lib.settings import OPTIONS, fields, settings_from_namespace, Settings
 
 DEFCONFIGS = sorted((REPO_ROOT / "defconfigs").iterdir())
 CODE_DIRS = ["lib", "gpt2", "lenet5", "resnet", "scripts"]

@@ -15,7 +15,8 @@ from lenet5.train import main as lenet5_main
 from lib.batches import Prefetcher
 from lib.pruning.pruner import target_count
 from lib.results import read_metrics
-from lib.settings import build_parser, settings_from_namespace
+from lib.cli import build_parser
+from lib.settings import settings_from_namespace
 from lib.train_loop import Task, run
 
 QUICK = ["--max-iters", "8", "--batch-size", "32", "--eval-interval", "8", "--log-interval", "1",

@@ -9,7 +9,8 @@ import pytest
 from lib.errors import ConfigError
 from lib.kconfig import REPO_ROOT, apply_overrides, read_config
 from lib.matrix.plan import Plan, build_plan, plan_hash, plan_table
-from lib.settings import build_parser, settings_from_namespace
+from lib.cli import build_parser
+from lib.settings import settings_from_namespace
 
 RUNS = Path("results/matrix-x/runs")
 
