@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 KCONFIG := $(PY) -m scripts.kconfig
 DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 
-.PHONY: help install train resume demo test clean menuconfig olddefconfig savedefconfig \
+.PHONY: help install train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config command schedule test-matrix plots data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
@@ -35,6 +35,7 @@ help:
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
 	@echo "  data-gpt2          prepare GPT-2 tokens: DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]"
 	@echo "  test               run the test suite"
+	@echo "  test-fast          run the tests not marked slow (under a minute)"
 	@echo "  clean              remove results/, prepared data and caches (keeps .venv and .config)"
 	@echo "Overrides: make train SET=\"MAX_ITERS=100 LR=3e-4\" (validated, written to .config first)"
 
@@ -107,6 +108,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	@$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf results data/prepared .pytest_cache

@@ -1,4 +1,8 @@
-"""DistributedDataParallel under torchrun on CPUs (gloo): one node with two processes, two nodes."""
+"""DistributedDataParallel under torchrun on CPUs (gloo): one node with two processes, two nodes.
+
+`make train` starts torchrun as a user would; tests/split_batch_trainer.py splits one global batch
+across the ranks, so two processes must reproduce one process's run to float rounding.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from lib.results import read_metrics
 
 from lib.errors import KpruneError
 from lib.kconfig import REPO_ROOT
@@ -113,3 +119,50 @@ def test_differing_masks_stop_every_rank_with_a_clear_error():
     messages = dict(queue.get() for _ in range(2))
     for rank in (0, 1):
         assert "the masks differ across ranks after the update at step 6" in messages[rank]
+
+
+# SGD, not Adam: Adam's update hardly changes when every gradient is doubled, SGD's doubles.
+# No clipping (it would rescale a doubled gradient), no dropout, one thread: a deterministic run.
+SPLIT = ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--weight-decay", "0", "--lr", "0.1", "--min-lr", "0.01",
+         "--lr-warmup-iters", "0", "--grad-clip", "0", "--max-iters", "10", "--eval-interval", "10",
+         "--log-interval", "1", "--pruning-method", "magnitude", "--schedule", "linear", "--schedule-start", "2",
+         "--schedule-end", "8", "--schedule-frequency", "2", "--target-sparsity", "0.5", "--threads", "1",
+         "--seed", "3", "--device", "cpu", "--precision", "fp32", "--data-workers", "0"]
+TIGHT = 1e-5  # relative: float rounding of a sum split in two is ~1e-7
+
+
+def _split_run(out: Path, *flags: str, ranks: int = 1) -> tuple[list[dict], list[dict]]:
+    """(rows of metrics.jsonl, each rank's final weights) of one split-batch run."""
+    argv = ["-m", "tests.split_batch_trainer", *SPLIT, "--output-dir", str(out), *flags]
+    if ranks > 1:
+        argv = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--nnodes=1",
+                "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *argv,
+                "--ddp-nproc-per-node", str(ranks), "--ddp-backend", "gloo"]
+    result = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("results: "))
+    weights = [torch.load(out / f"weights-rank{r}.pt") for r in range(ranks)]
+    return read_metrics(run_dir / "metrics.jsonl"), weights
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+    return diff / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
+
+
+def test_two_processes_reproduce_one_process_with_the_same_global_batch(tmp_path):
+    one_rows, (one,) = _split_run(tmp_path / "one")
+    two_rows, (rank0, rank1) = _split_run(tmp_path / "two", ranks=2)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks hold one model
+    assert _relative_difference(rank0, one) < TIGHT
+    # the same weights pruned: masks agree with the single process's, not just their counts
+    assert all(torch.equal(rank0[k] == 0, one[k] == 0) for k in one if k.endswith("weight"))
+    losses = [(a["loss"], b["loss"]) for a, b in zip(one_rows, two_rows) if "loss" in a]
+    assert len(losses) == 10 and [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
+    assert all(abs(a - b) <= TIGHT * abs(a) for a, b in losses), losses
+    # A wrong average (the sum over two ranks, or half the mean) scales SGD's step like LR x2 or /2:
+    # far outside the tolerance, so the comparison above catches it.
+    for lr in ("0.2", "0.05"):
+        _, (wrong,) = _split_run(tmp_path / f"lr{lr}", "--lr", lr)
+        assert _relative_difference(wrong, one) > 1000 * TIGHT
