@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lib.results import read_metrics
-
 from lib.errors import KpruneError
 from lib.kconfig import REPO_ROOT
+from lib.results import read_metrics
 
 pytestmark = pytest.mark.slow
 
 QUICK = ("MAX_ITERS=12 SCHEDULE_START=2 SCHEDULE_END=10 SCHEDULE_FREQUENCY=2 EVAL_INTERVAL=12 LOG_INTERVAL=4 "
          "GPT2_EVAL_ITERS=4 LR_WARMUP_ITERS=2 THREADS=1")
+UPDATE_STEPS = [2, 4, 6, 8, 10]
 
 
 def _free_port() -> int:
@@ -56,16 +56,9 @@ def _prepare(cwd: Path, extra: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> dict:
-    cwd = tmp_path_factory.mktemp("single")
-    _prepare(cwd, "BATCH_SIZE=16")  # the global batch of two ranks of 8
-    result = _kconfig(cwd, "train")
-    assert result.returncode == 0, result.stderr
-    return _summary(result.stdout, cwd)
-
-
-def test_two_processes_on_one_node(tmp_path, single):
+# The real GPT-2 trainer as `make train` launches it. Its ranks draw their own batches, so its numbers
+# are not one process's: the split-batch test below compares a run with one process exactly.
+def test_two_processes_on_one_node(tmp_path):
     _prepare(tmp_path, f"DDP_NPROC_PER_NODE=2 DDP_MASTER_PORT={_free_port()}")
     result = _kconfig(tmp_path, "train")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -73,12 +66,11 @@ def test_two_processes_on_one_node(tmp_path, single):
     summary = _summary(result.stdout, tmp_path)
     assert summary["status"] == "complete" and summary["world_size"] == 2
     assert summary["target_count_exact"] and summary["mask_pruned_count"] == summary["final_pruned_count"]
-    assert summary["mask_updates"] == single["mask_updates"]
-    assert abs(summary["val_loss"] - single["val_loss"]) < 0.05 * single["val_loss"]
+    assert [u["step"] for u in summary["mask_updates"]] == UPDATE_STEPS
     assert len(list(tmp_path.glob("results/*/summary.json"))) == 1  # only rank 0 wrote
 
 
-def test_two_single_process_nodes_on_loopback(tmp_path, single):
+def test_two_single_process_nodes_on_loopback(tmp_path):
     port = _free_port()
     nodes = []
     for rank in (0, 1):
@@ -90,8 +82,7 @@ def test_two_single_process_nodes_on_loopback(tmp_path, single):
         assert code == 0, out + err
     summary = _summary(outputs[0][1][0], outputs[0][0])
     assert summary["status"] == "complete" and summary["world_size"] == 2 and summary["target_count_exact"]
-    assert summary["mask_updates"] == single["mask_updates"]
-    assert abs(summary["val_loss"] - single["val_loss"]) < 0.05 * single["val_loss"]
+    assert [u["step"] for u in summary["mask_updates"]] == UPDATE_STEPS
     assert not list((tmp_path / "node1").glob("results/*"))  # node 1 holds rank 1: it writes nothing
 
 
@@ -99,10 +90,10 @@ def _mismatch_worker(rank: int, port: int, queue) -> None:
     from lib.distributed import check_masks_agree
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    bits = [torch.zeros(16, dtype=torch.uint8)]
+    bits = [torch.tensor([1, 0], dtype=torch.uint8), torch.tensor([0, 1], dtype=torch.uint8)]
     check_masks_agree(bits, step=5)  # equal masks pass
-    if rank == 1:
-        bits[0][3] = 1
+    if rank == 1:  # as many pruned weights, in other places
+        bits = [torch.tensor([0, 1], dtype=torch.uint8), torch.tensor([1, 0], dtype=torch.uint8)]
     try:
         check_masks_agree(bits, step=6)
         queue.put((rank, "no error"))
@@ -151,6 +142,7 @@ def _relative_difference(a: dict, b: dict) -> float:
     return diff / sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
 
 
+@pytest.mark.timeout(600)  # four runs, one of them under torchrun
 def test_two_processes_reproduce_one_process_with_the_same_global_batch(tmp_path):
     one_rows, (one,) = _split_run(tmp_path / "one")
     two_rows, (rank0, rank1) = _split_run(tmp_path / "two", ranks=2)
