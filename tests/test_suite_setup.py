@@ -54,3 +54,10 @@ def test_a_selection_that_matches_nothing_is_still_an_error(tmp_path):
     assert result.returncode == 5, result.stdout + result.stderr
     result = _pytest(tmp_path, {**HOOKS, "test_fast.py": fast}, "-m", "not slow")
     assert result.returncode == 0 and "1 passed" in result.stdout
+
+
+def test_test_files_have_unique_names():
+    # tests/ has no __init__.py files: pytest imports each test file by its base name, so two
+    # files of one name in different folders stop the whole collection.
+    names = [p.name for p in (REPO_ROOT / "tests").rglob("test_*.py")]
+    assert sorted(set(names)) == sorted(names)

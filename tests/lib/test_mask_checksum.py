@@ -1,4 +1,4 @@
-"""The mask checksum ranks compare at every update: any moved pruned weight changes it."""
+"""lib/distributed.py's mask checksum, which ranks compare at every update: any moved pruned weight changes it."""
 
 from __future__ import annotations
 
