@@ -16,8 +16,8 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.utils import counters
 
-from lenet5.train import build_task as lenet5_build_task
 from lib.batches import Prefetcher
+from lib.classification import cross_entropy, evaluate
 from lib.pruning.pruner import target_count
 from lib.results import read_metrics
 from lib.settings import build_parser, settings_from_namespace
@@ -28,13 +28,29 @@ QUICK = ["--max-iters", "8", "--batch-size", "32", "--eval-interval", "8", "--lo
          "--schedule", "linear", "--schedule-start", "2", "--schedule-end", "6", "--schedule-frequency", "2"]
 
 
-def _run_lenet5(tmp_path: Path, capsys, *flags: str, wrap: Callable[[Task], None] = lambda task: None) -> Path:
-    """A short LeNet-5 run through the shared loop; `wrap` may instrument the task before it runs."""
+def _small_conv_task(s, device) -> Task:
+    """A convolution and a linear layer on seeded random 8x8 images: the loop's features, in milliseconds."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = torch.Generator().manual_seed(s.seed)
+    held_out = torch.Generator().manual_seed(s.seed + 1)
+    val_x, val_y = torch.randn(64, 1, 8, 8, generator=held_out), torch.randint(0, 3, (64,), generator=held_out)
+
+    def next_batch():
+        return torch.randn(s.batch_size, 1, 8, 8, generator=data), torch.randint(0, 3, (s.batch_size,), generator=data)
+
+    return Task(name="small-conv", model=model, prunable=[(n, p) for n, p in model.named_parameters() if p.dim() > 1],
+                group_of=lambda n: n.split(".")[0], next_batch=next_batch, loss=cross_entropy,
+                evaluate=lambda m: evaluate(m, val_x, val_y, 32, device), items_per_step=s.batch_size,
+                item_unit="samples", quality_key="val_accuracy")
+
+
+def _run_small(tmp_path: Path, capsys, *flags: str, wrap: Callable[[Task], None] = lambda task: None) -> Path:
+    """A short run of the small task through the shared loop; `wrap` may instrument the task before it runs."""
     parser = build_parser("lenet5", prog="x", description="")
     settings = settings_from_namespace(parser.parse_args([*QUICK, "--output-dir", str(tmp_path), *flags]))
 
     def build(s, device):
-        task = lenet5_build_task(s, device)
+        task = _small_conv_task(s, device)
         wrap(task)
         return task
 
@@ -76,8 +92,8 @@ def _record_threads(threads: list[threading.Thread]) -> Callable[[Task], None]:
 def test_prefetching_makes_batches_in_the_background_and_does_not_change_the_run(tmp_path, capsys):
     plain_threads: list[threading.Thread] = []
     prefetch_threads: list[threading.Thread] = []
-    plain = _run_lenet5(tmp_path / "a", capsys, wrap=_record_threads(plain_threads))
-    prefetched = _run_lenet5(tmp_path / "b", capsys, "--data-workers", "3", wrap=_record_threads(prefetch_threads))
+    plain = _run_small(tmp_path / "a", capsys, wrap=_record_threads(plain_threads))
+    prefetched = _run_small(tmp_path / "b", capsys, "--data-workers", "3", wrap=_record_threads(prefetch_threads))
     assert set(plain_threads) == {threading.main_thread()}
     # Every batch came from one thread that is not the loop's: the background producer.
     assert len(prefetch_threads) >= 8 and len(set(prefetch_threads)) == 1
@@ -139,7 +155,7 @@ def _record_output_dtypes(dtypes: set[torch.dtype]) -> Callable[[Task], None]:
                                                  ("auto", torch.float32)])  # auto: bf16 on CUDA only
 def test_bf16_autocast_computes_in_bf16_and_prunes_exactly(tmp_path, capsys, precision, computed):
     dtypes: set[torch.dtype] = set()
-    run_dir = _run_lenet5(tmp_path, capsys, "--precision", precision, wrap=_record_output_dtypes(dtypes))
+    run_dir = _run_small(tmp_path, capsys, "--precision", precision, wrap=_record_output_dtypes(dtypes))
     assert dtypes == {computed}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete"
@@ -159,12 +175,12 @@ def _record_models(models: list[nn.Module]) -> Callable[[Task], None]:
     return wrap
 
 
-@pytest.mark.slow  # compiling LeNet-5 takes tens of seconds on a CPU
+@pytest.mark.slow  # compiling takes tens of seconds on a CPU
 def test_torch_compile_trains_the_compiled_model_and_keeps_masks_exact(tmp_path, capsys):
     models: list[nn.Module] = []
     torch._dynamo.reset()
     counters.clear()
-    run_dir = _run_lenet5(tmp_path, capsys, "--compile", wrap=_record_models(models))
+    run_dir = _run_small(tmp_path, capsys, "--compile", wrap=_record_models(models))
     # The loss saw the compiled wrapper of the task's model at every step, and dynamo compiled a frame.
     assert len(models) == 8 and all(isinstance(m, OptimizedModule) for m in models)
     assert counters["stats"]["unique_graphs"] >= 1
@@ -176,14 +192,14 @@ def test_torch_compile_trains_the_compiled_model_and_keeps_masks_exact(tmp_path,
 
 def test_without_compile_the_loss_gets_the_plain_model(tmp_path, capsys):
     models: list[nn.Module] = []
-    _run_lenet5(tmp_path, capsys, wrap=_record_models(models))
+    _run_small(tmp_path, capsys, wrap=_record_models(models))
     assert len(models) == 8 and not any(isinstance(m, OptimizedModule) for m in models)
 
 
 @pytest.mark.parametrize("budget, iterations", [("--variant-budget", 17), ("--no-variant-budget", 10)])
 def test_variant_budget_multiplies_the_iterations_run(tmp_path, capsys, budget, iterations):
     # bitter7 was published with 1.7x the iterations: MAX_ITERS=10 runs round(17.0) steps with the budget.
-    run_dir = _run_lenet5(tmp_path, capsys, "--max-iters", "10", "--eval-interval", "100", "--state-variant",
+    run_dir = _run_small(tmp_path, capsys, "--max-iters", "10", "--eval-interval", "100", "--state-variant",
                           "bitter7", budget)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == summary["iterations_planned"] == iterations
