@@ -16,10 +16,10 @@ DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 # line; $(value ...) keeps make from expanding it as well. So no character of
 # it is syntax to make or to a shell: a quote, $(...), a backquote, a ; or a
 # line break arrives as itself, and the program accepts it or says what is wrong.
-USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD MAX_DOCS
+USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD MAX_DOCS PYTEST_ARGS
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
-.PHONY: help install install-trackers train resume demo test clean menuconfig olddefconfig savedefconfig \
+.PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config command schedule test-matrix plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
@@ -45,6 +45,7 @@ help:
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
 	@echo "  data-gpt2          prepare GPT-2 tokens: DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]"
 	@echo "  test               run the test suite"
+	@echo "  test-fast          run the tests not marked slow (under a minute)"
 	@echo "  clean              remove results/, prepared data and caches (keeps .venv and .config)"
 	@echo "Overrides: make train SET=\"MAX_ITERS=100 LR=3e-4\" (validated, written to .config first)"
 
@@ -127,8 +128,12 @@ demo: $(STAMP)
 	@KPRUNE_SET= $(PY) -m scripts.matrix
 	@$(PY) -m scripts.plots
 
+# PYTEST_ARGS reaches pytest as PYTEST_ADDOPTS, which pytest splits itself: no shell sees it.
 test: $(STAMP)
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
+
+test-fast: $(STAMP)
+	@PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf results data/prepared .pytest_cache

@@ -3,12 +3,13 @@
 `make train` starts `torchrun` when DDP_NPROC_PER_NODE x DDP_NNODES > 1; each
 process then finds WORLD_SIZE, RANK and LOCAL_RANK in its environment.
 Every rank computes the same masks from the same all-reduced gradients; a
-checksum of the masks is compared across ranks at each update, and only
+digest of the masks is compared across ranks at each update, and only
 rank 0 writes results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -62,12 +63,19 @@ def mean(value: float, device: torch.device) -> float:
 
 
 def mask_checksum(bits: list[torch.Tensor]) -> int:
-    """A position-sensitive sum of the mask bytes: equal masks give equal checksums."""
-    total = 0
-    for i, b in enumerate(bits):
-        weights = torch.arange(1, b.numel() + 1, dtype=torch.int64, device=b.device) % 65521 + i + 1
-        total += int((b.to(torch.int64) * weights).sum())
-    return total
+    """A 63-bit digest (BLAKE2b) of every mask's bytes and length, in order.
+
+    A weighted sum of the bytes cannot tell apart masks that prune as many
+    weights in other places (bytes 1,0,0,1 and 0,1,1,0 weigh the same); a
+    cryptographic digest changes with any moved bit. The masks are one bit
+    per weight, so copying them to the CPU at a mask update is cheap.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for b in bits:
+        data = b.detach().to("cpu").contiguous().numpy()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data.data)
+    return int.from_bytes(digest.digest(), "little") >> 1  # fits an int64 for all_reduce
 
 
 def check_masks_agree(bits: list[torch.Tensor], step: int) -> None:

@@ -19,6 +19,7 @@ import pytest
 import lib.data.cifar as cifar
 from lib.data.corpora import prepare_corpus
 from lib.kconfig import REPO_ROOT
+from tests.fast_selection import pytest_collection_modifyitems, pytest_sessionfinish  # noqa: F401 (hooks)
 from tests.lib.data.test_cifar import build_cifar10, build_cifar100
 
 HUB_CORPORA = ("finewebedu", "tinystories", "openwebtext")

@@ -1,7 +1,7 @@
 """No character of a make variable is syntax: hostile values arrive intact or are refused clearly.
 
 Every variable a user passes to make (SET, RESUME, RESULTS, JOBS, DATA_DIR,
-DATASET, DATA_PATH, TEXT_FIELD, MAX_DOCS) is tried with quotes, $(...),
+DATASET, DATA_PATH, TEXT_FIELD, MAX_DOCS, PYTEST_ARGS) is tried with quotes, $(...),
 backquotes, ';' and line breaks. Nothing may run: no file named `pwned` may
 appear. A value either reaches the program byte for byte (checked where it
 lands: .config, a folder name, a manifest) or is refused with exit status 2
@@ -110,3 +110,12 @@ def test_data_variables_arrive_intact(workdir, value, tmp_path):
 def test_make_installs_hub_requirements_for_exactly_the_hub_corpora():
     line = re.search(r"^HUB_DATASETS := (.*)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
     assert line.split() == list(HUB_DATASETS)
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=IDS)
+def test_pytest_args_reach_pytest_not_a_shell(workdir, value):
+    # PYTEST_ARGS becomes PYTEST_ADDOPTS, which pytest splits itself: the hostile words are test paths
+    # that do not exist, so pytest stops with its usage error before collecting anything.
+    result = make(workdir, "test", f"PYTEST_ARGS={value}", check=False)
+    assert result.returncode == 2 and "Error 4" in result.stderr, result.stdout + result.stderr  # pytest: usage
+    assert "file or directory not found" in result.stdout + result.stderr

@@ -107,6 +107,7 @@ def test_a_new_invocation_resumes_the_newest_unfinished_matrix_with_the_same_pla
     assert _matrix_dir(_cli(tmp_path, "scripts.matrix"), tmp_path) != matrix_dir
 
 
+@pytest.mark.timeout(700)  # its own waits add up to 660 s on a loaded machine
 def test_killed_matrix_loses_no_finished_run(tmp_path):
     _defconfig(tmp_path, "MATRIX_SEEDS=3 MAX_ITERS=400 SCHEDULE_END=300 EVAL_INTERVAL=400")
     proc = subprocess.Popen([sys.executable, "-m", "scripts.matrix"], cwd=tmp_path, env=_env(),

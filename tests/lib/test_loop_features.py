@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
+from torch._dynamo.utils import counters
 
-from lenet5.train import main as lenet5_main
 from lib.batches import Prefetcher
+from lib.classification import cross_entropy, evaluate
 from lib.pruning.pruner import target_count
 from lib.results import read_metrics
 from lib.cli import build_parser
@@ -24,8 +29,33 @@ QUICK = ["--max-iters", "8", "--batch-size", "32", "--eval-interval", "8", "--lo
          "--schedule", "linear", "--schedule-start", "2", "--schedule-end", "6", "--schedule-frequency", "2"]
 
 
-def _run_lenet5(tmp_path: Path, capsys, *flags: str) -> Path:
-    assert lenet5_main([*QUICK, "--output-dir", str(tmp_path), *flags]) == 0
+def _small_conv_task(s, device) -> Task:
+    """A convolution and a linear layer on seeded random 8x8 images: the loop's features, in milliseconds."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = torch.Generator().manual_seed(s.seed)
+    held_out = torch.Generator().manual_seed(s.seed + 1)
+    val_x, val_y = torch.randn(64, 1, 8, 8, generator=held_out), torch.randint(0, 3, (64,), generator=held_out)
+
+    def next_batch():
+        return torch.randn(s.batch_size, 1, 8, 8, generator=data), torch.randint(0, 3, (s.batch_size,), generator=data)
+
+    return Task(name="small-conv", model=model, prunable=[(n, p) for n, p in model.named_parameters() if p.dim() > 1],
+                group_of=lambda n: n.split(".")[0], next_batch=next_batch, loss=cross_entropy,
+                evaluate=lambda m: evaluate(m, val_x, val_y, 32, device), items_per_step=s.batch_size,
+                item_unit="samples", quality_key="val_accuracy")
+
+
+def _run_small(tmp_path: Path, capsys, *flags: str, wrap: Callable[[Task], None] = lambda task: None) -> Path:
+    """A short run of the small task through the shared loop; `wrap` may instrument the task before it runs."""
+    parser = build_parser("lenet5", prog="x", description="")
+    settings = settings_from_namespace(parser.parse_args([*QUICK, "--output-dir", str(tmp_path), *flags]))
+
+    def build(s, device):
+        task = _small_conv_task(s, device)
+        wrap(task)
+        return task
+
+    assert run(settings, build, command=["test"]) == 0
     return Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: "))
 
 
@@ -49,9 +79,26 @@ def test_prefetcher_keeps_order_and_raises_where_the_producer_failed():
     pre.close()
 
 
-def test_prefetching_does_not_change_the_run(tmp_path, capsys):
-    plain = _run_lenet5(tmp_path / "a", capsys)
-    prefetched = _run_lenet5(tmp_path / "b", capsys, "--data-workers", "3")
+def _record_threads(threads: list[threading.Thread]) -> Callable[[Task], None]:
+    def wrap(task: Task) -> None:
+        make = task.next_batch
+
+        def next_batch():
+            threads.append(threading.current_thread())
+            return make()
+        task.next_batch = next_batch
+    return wrap
+
+
+def test_prefetching_makes_batches_in_the_background_and_does_not_change_the_run(tmp_path, capsys):
+    plain_threads: list[threading.Thread] = []
+    prefetch_threads: list[threading.Thread] = []
+    plain = _run_small(tmp_path / "a", capsys, wrap=_record_threads(plain_threads))
+    prefetched = _run_small(tmp_path / "b", capsys, "--data-workers", "3", wrap=_record_threads(prefetch_threads))
+    assert set(plain_threads) == {threading.main_thread()}
+    # Every batch came from one thread that is not the loop's: the background producer.
+    assert len(prefetch_threads) >= 8 and len(set(prefetch_threads)) == 1
+    assert prefetch_threads[0] is not threading.main_thread()
     assert _losses(plain) == _losses(prefetched) and len(_losses(plain)) == 8
 
 
@@ -96,17 +143,71 @@ def test_accumulated_micro_batches_give_the_full_batch_step(tmp_path):
     torch.testing.assert_close(weights[0], weights[1])
 
 
-def test_bf16_autocast_on_cpu_trains_and_prunes_exactly(tmp_path, capsys):
-    run_dir = _run_lenet5(tmp_path, capsys, "--precision", "bf16")
+def _record_output_dtypes(dtypes: set[torch.dtype]) -> Callable[[Task], None]:
+    """Record the dtype every convolution and linear layer computes in, in training and evaluation."""
+    def wrap(task: Task) -> None:
+        for module in task.model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.register_forward_hook(lambda m, args, out: dtypes.add(out.dtype))
+    return wrap
+
+
+@pytest.mark.parametrize("precision, computed", [("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                                 ("auto", torch.float32)])  # auto: bf16 on CUDA only
+def test_bf16_autocast_computes_in_bf16_and_prunes_exactly(tmp_path, capsys, precision, computed):
+    dtypes: set[torch.dtype] = set()
+    run_dir = _run_small(tmp_path, capsys, "--precision", precision, wrap=_record_output_dtypes(dtypes))
+    assert dtypes == {computed}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["final_pruned_count"] == target_count(0.5, summary["prunable_params"])
-    assert all(loss == loss for loss in _losses(run_dir))  # no NaN
+    assert summary["memory"]["weights"] == 4 * summary["params"]  # the weights themselves stay float32
+    assert all(math.isfinite(loss) for loss in _losses(run_dir))
 
 
-def test_torch_compile_keeps_masks_exact(tmp_path, capsys):
-    run_dir = _run_lenet5(tmp_path, capsys, "--compile")
+def _record_models(models: list[nn.Module]) -> Callable[[Task], None]:
+    def wrap(task: Task) -> None:
+        loss = task.loss
+
+        def recording_loss(model, batch):
+            models.append(model)
+            return loss(model, batch)
+        task.loss = recording_loss
+    return wrap
+
+
+@pytest.mark.slow  # compiling takes tens of seconds on a CPU
+def test_torch_compile_trains_the_compiled_model_and_keeps_masks_exact(tmp_path, capsys):
+    models: list[nn.Module] = []
+    torch._dynamo.reset()
+    counters.clear()
+    run_dir = _run_small(tmp_path, capsys, "--compile", wrap=_record_models(models))
+    # The loss saw the compiled wrapper of the task's model at every step, and dynamo compiled a frame.
+    assert len(models) == 8 and all(isinstance(m, OptimizedModule) for m in models)
+    assert counters["stats"]["unique_graphs"] >= 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["settings"]["compile"] is True
     assert summary["final_pruned_count"] == target_count(0.5, summary["prunable_params"])
     assert summary["mask_pruned_count"] == summary["final_pruned_count"]
+
+
+def test_without_compile_the_loss_gets_the_plain_model(tmp_path, capsys):
+    models: list[nn.Module] = []
+    _run_small(tmp_path, capsys, wrap=_record_models(models))
+    assert len(models) == 8 and not any(isinstance(m, OptimizedModule) for m in models)
+
+
+@pytest.mark.parametrize("budget, iterations", [("--variant-budget", 17), ("--no-variant-budget", 10)])
+def test_variant_budget_multiplies_the_iterations_run(tmp_path, capsys, budget, iterations):
+    # bitter7 was published with 1.7x the iterations: MAX_ITERS=10 runs round(17.0) steps with the budget.
+    run_dir = _run_small(tmp_path, capsys, "--max-iters", "10", "--eval-interval", "100", "--state-variant",
+                          "bitter7", budget)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == summary["iterations_planned"] == iterations
+    assert summary["budget_multiplier"] == (1.7 if iterations == 17 else 1.0)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, iterations + 1))
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, iterations]
+    # The learning rate decays over the iterations actually run: it ends at MIN_LR on the last one.
+    assert train[-1]["lr"] == pytest.approx(summary["settings"]["min_lr"], rel=1e-12)

@@ -30,7 +30,7 @@ def _images(marker: int, n: int) -> np.ndarray:
     return data
 
 
-def _add(tar: tarfile.TarFile, name: str, obj: object) -> None:
+def add_pickle(tar: tarfile.TarFile, name: str, obj: object) -> None:
     # Protocol 2, as the official (Python 2 cPickle) batches are.
     payload = pickle.dumps(obj, protocol=2)
     info = tarfile.TarInfo(name)
@@ -41,18 +41,18 @@ def _add(tar: tarfile.TarFile, name: str, obj: object) -> None:
 def build_cifar10(path: Path, label_offset: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
-        tar.addfile(_dir_info("cifar-10-batches-py"))
-        _add(tar, "cifar-10-batches-py/batches.meta",
+        tar.addfile(dir_info("cifar-10-batches-py"))
+        add_pickle(tar, "cifar-10-batches-py/batches.meta",
              {b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072})
         # Deliberately out of order: the reader must follow the names, not the archive.
         for batch in (3, 1, 5, 2, 4):
-            _add(tar, f"cifar-10-batches-py/data_batch_{batch}", {
+            add_pickle(tar, f"cifar-10-batches-py/data_batch_{batch}", {
                 b"batch_label": f"training batch {batch} of 5".encode(),
                 b"labels": [(batch + i + label_offset) % 10 for i in range(PER_BATCH)],
                 b"data": _images(10 * batch, PER_BATCH),
                 b"filenames": [f"img_{batch}_{i}.png".encode() for i in range(PER_BATCH)],
             })
-        _add(tar, "cifar-10-batches-py/test_batch", {
+        add_pickle(tar, "cifar-10-batches-py/test_batch", {
             b"batch_label": b"testing batch 1 of 1", b"labels": [9, 8, 7],
             b"data": _images(100, 3), b"filenames": [b"t0.png", b"t1.png", b"t2.png"],
         })
@@ -62,11 +62,11 @@ def build_cifar10(path: Path, label_offset: int = 0) -> Path:
 def build_cifar100(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
-        tar.addfile(_dir_info("cifar-100-python"))
-        _add(tar, "cifar-100-python/meta", {b"fine_label_names": [b"apple"] * 100,
+        tar.addfile(dir_info("cifar-100-python"))
+        add_pickle(tar, "cifar-100-python/meta", {b"fine_label_names": [b"apple"] * 100,
                                             b"coarse_label_names": [b"fruit"] * 20})
         for split, n, fine in (("train", 5, [99, 0, 42, 57, 3]), ("test", 2, [11, 88])):
-            _add(tar, f"cifar-100-python/{split}", {
+            add_pickle(tar, f"cifar-100-python/{split}", {
                 b"batch_label": split.encode(), b"fine_labels": fine,
                 b"coarse_labels": [f % 20 for f in fine], b"data": _images(50, n),
                 b"filenames": [f"{split}{i}.png".encode() for i in range(n)],
@@ -74,7 +74,7 @@ def build_cifar100(path: Path) -> Path:
     return path
 
 
-def _dir_info(name: str) -> tarfile.TarInfo:
+def dir_info(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     return info

@@ -1,0 +1,63 @@
+"""The test suite's own guarantees: a hung test fails, and `make test-fast` never fails for lack of tests.
+
+Each check runs pytest on a small test file under the project's pytest.ini
+(and, for test-fast, its selection hooks), without the project's conftest,
+so it starts in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lib.kconfig import REPO_ROOT
+
+
+def _pytest(folder: Path, files: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(REPO_ROOT / "pytest.ini"),
+                           "--rootdir", str(folder), *args, str(folder)], cwd=folder, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+
+
+def test_every_test_has_a_default_timeout(pytestconfig):
+    assert float(pytestconfig.getini("timeout")) == 300
+
+
+def test_a_hung_test_fails_instead_of_hanging(tmp_path):
+    started = time.monotonic()
+    # The project's timeout lowered to 2 s, so the hang is short.
+    result = _pytest(tmp_path, {"test_hang.py": "import subprocess\n\n\ndef test_waits_for_ever():\n"
+                                                "    subprocess.run(['sleep', '600'])\n"}, "-o", "timeout=2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Timeout (>2.0s)" in result.stdout and "1 failed" in result.stdout
+    assert time.monotonic() - started < 60
+
+
+HOOKS = {"conftest.py": "from tests.fast_selection import pytest_collection_modifyitems, pytest_sessionfinish\n"}
+
+
+def test_make_test_fast_on_slow_tests_only_is_not_an_error(tmp_path):
+    slow = "import pytest\n\n\n@pytest.mark.slow\ndef test_a():\n    pass\n\n\n@pytest.mark.slow\ndef test_b():\n    pass\n"
+    result = _pytest(tmp_path, {**HOOKS, "test_slow.py": slow}, "-m", "not slow")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 2 selected tests are marked slow: nothing fast to run" in result.stdout
+
+
+def test_a_selection_that_matches_nothing_is_still_an_error(tmp_path):
+    fast = "def test_fast():\n    pass\n"
+    result = _pytest(tmp_path, {**HOOKS, "test_fast.py": fast}, "-m", "not slow", "-k", "no_such_test")
+    assert result.returncode == 5, result.stdout + result.stderr
+    result = _pytest(tmp_path, {**HOOKS, "test_fast.py": fast}, "-m", "not slow")
+    assert result.returncode == 0 and "1 passed" in result.stdout
+
+
+def test_test_files_have_unique_names():
+    # tests/ has no __init__.py files: pytest imports each test file by its base name, so two
+    # files of one name in different folders stop the whole collection.
+    names = [p.name for p in (REPO_ROOT / "tests").rglob("test_*.py")]
+    assert sorted(set(names)) == sorted(names)
