@@ -12,7 +12,7 @@ KCONFIG := $(PY) -m scripts.kconfig
 DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 
 .PHONY: help install train resume demo test clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix plots data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
+        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -30,6 +30,10 @@ help:
 	@echo "  train (default)    run the trainer .config selects; last line: results: <dir>"
 	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir>"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
+	@echo "                     (MATRIX_EXECUTOR=slurm: submit one Slurm job array and return)"
+	@echo "  matrix-status      each run of the newest matrix (or RESULTS=dir): state, Slurm task"
+	@echo "  matrix-cancel      cancel the newest matrix's (or RESULTS=dir) queued and running Slurm tasks"
+	@echo "  sbatch-train       submit make train as a Slurm job (DDP_NNODES nodes, one torchrun each)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2)"
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
@@ -70,6 +74,12 @@ schedule: $(STAMP)
 
 test-matrix: $(STAMP)
 	@$(PY) -m scripts.matrix --set '$(SET)' --jobs '$(JOBS)' --results '$(RESULTS)'
+
+matrix-status matrix-cancel: matrix-%: $(STAMP)
+	@$(PY) -m scripts.matrix_jobs $* --results '$(RESULTS)'
+
+sbatch-train: $(STAMP)
+	@$(PY) -m scripts.sbatch_train --set '$(SET)'
 
 data-cifar10 data-cifar100: data-%: $(STAMP)
 	@$(PY) -m scripts.fetch_data $* --data-dir '$(or $(DATA_DIR),data)'

@@ -6,11 +6,18 @@ With --results DIR (make's RESULTS=), that matrix is resumed as planned. Without
 it, the plan is built from .config; if the newest matrix directory with the
 same plan still has runs to do, it is resumed, otherwise a new one is made.
 Runs already complete are skipped. Exit status 0 when every run completed.
+
+With MATRIX_EXECUTOR=slurm the runs are not run here: one Slurm job array is
+submitted with a task per run that is neither complete nor queued nor
+running (lib/matrix/slurm.py), the job id and the matrix directory are
+printed, and the exit status is 0 once Slurm accepted it. Slurm is asked
+first (sbatch --test-only), so a job it would refuse writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
@@ -18,16 +25,19 @@ from pathlib import Path
 
 from lib.errors import KpruneError
 from lib.kconfig import settings_from_kconfig
-from lib.matrix.plan import build_plan, plan_table
+from lib.matrix import slurm
+from lib.matrix.plan import Plan, build_plan, plan_table
 from lib.matrix.runner import Runner, create_matrix_dir, find_unfinished, load_plan
-from scripts.kconfig import load_dot_config
+from lib.matrix.slurm_options import executor, slurm_options
+from scripts.kconfig import DOT_CONFIG, load_dot_config
 
 
-def prepare(set_text: str | None, results: str | None) -> tuple[Path, object]:
+def prepare(set_text: str | None, results: str | None) -> tuple[Path | None, Plan, object | None, Path]:
+    """(matrix dir to resume or None for a new one, plan, .config or None, results root)."""
+    kconf = load_dot_config(set_text) if not results or DOT_CONFIG.exists() else None
     if results:
         matrix_dir = Path(results)
-        return matrix_dir, load_plan(matrix_dir)
-    kconf = load_dot_config(set_text)
+        return matrix_dir, load_plan(matrix_dir), kconf, matrix_dir.parent
     root = Path(settings_from_kconfig(kconf).output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = kconf.syms["MATRIX_NAME"].str_value or "matrix"
@@ -38,10 +48,37 @@ def prepare(set_text: str | None, results: str | None) -> tuple[Path, object]:
     unfinished = find_unfinished(root, plan.plan_hash)
     if unfinished is not None:
         print(f"resuming {unfinished}: same plan, unfinished", flush=True)
-        return unfinished, load_plan(unfinished)
+        return unfinished, load_plan(unfinished), kconf, root
+    return None, plan, kconf, root
+
+
+def _new_matrix_dir(root: Path, plan: Plan) -> Path:
     matrix_dir = create_matrix_dir(root, plan)
     print(plan_table(plan), flush=True)
-    return matrix_dir, plan
+    return matrix_dir
+
+
+def submit_to_slurm(matrix_dir: Path | None, plan: Plan, kconf, root: Path) -> int:
+    opts = slurm_options(kconf)
+    slurm.check(opts)  # a partition Slurm does not know, say, is an error before anything is written
+    new = matrix_dir is None
+    if new:
+        matrix_dir = _new_matrix_dir(root, plan)
+    try:
+        record = slurm.submit(matrix_dir, plan, opts, Path.cwd())
+    except KpruneError:
+        if new:
+            shutil.rmtree(matrix_dir)
+        raise
+    if record is None:
+        print("nothing to submit: every run is complete, queued or running")
+    else:
+        print(f"submitted job {record['job_id']}: {len(record['tasks'])} of {len(plan.runs)} runs, "
+              f"{record['sbatch'][2]} ({matrix_dir / 'slurm' / 'jobs.json'})")
+    print(f"follow: make matrix-status RESULTS={matrix_dir}; stop: make matrix-cancel RESULTS={matrix_dir}; "
+          f"when done: make plots RESULTS={matrix_dir}")
+    print(f"results: {matrix_dir}", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        matrix_dir, plan = prepare(args.set, args.results or None)
+        matrix_dir, plan, kconf, root = prepare(args.set, args.results or None)
+        if kconf is not None and executor(kconf) == "slurm":
+            return submit_to_slurm(matrix_dir, plan, kconf, root)
+        if matrix_dir is None:
+            matrix_dir = _new_matrix_dir(root, plan)
         status = Runner(matrix_dir, plan, jobs=jobs).run()
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)

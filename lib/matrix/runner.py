@@ -3,8 +3,11 @@
 A matrix directory holds plan.json (and plan.md), runs/<run id>/ (each run's
 results contract, written by the trainer), logs/<run id>.log (its output) and
 status.json (what the runner saw). A run whose summary.json says `complete`
-is never run again; any other run is started afresh, so a matrix killed
-half-way and started again finishes only what was left.
+is never run again; a run stopped with a checkpoint (`interrupted`, or
+killed while `running` after a periodic checkpoint) continues from it, and
+any other run is started afresh, so a matrix killed half-way and started
+again finishes only what was left. Slurm array tasks (lib/matrix/task.py)
+start their runs with the same `run_command`.
 """
 
 from __future__ import annotations
@@ -65,21 +68,34 @@ def find_unfinished(results: Path, plan_hash: str) -> Path | None:
         if data.get("plan_hash") != plan_hash:
             continue
         plan = Plan.from_json(data)
-        if any(run_status(_run_dir(path.parent, r.id)) != "complete" for r in plan.runs):
+        if any(run_status(run_dir_of(path.parent, r.id)) != "complete" for r in plan.runs):
             return path.parent
     return None
 
 
-def _run_dir(matrix_dir: Path, run_id: str) -> Path:
-    return matrix_dir / "runs" / run_id
+def run_dir_of(matrix_dir: Path, run_id: str) -> Path:
+    return Path(matrix_dir) / "runs" / run_id
 
 
-def _with_threads(argv: list[str], threads: int) -> list[str]:
+def resumable(run_dir: Path) -> bool:
+    """A run that stopped (or was killed) after writing a checkpoint: it continues from there."""
+    return run_status(run_dir) in ("interrupted", "running") and (run_dir / "checkpoint.json").exists()
+
+
+def run_command(run, run_dir: Path, threads: int) -> list[str]:
+    """The trainer command of a planned run: its flags with `threads`, resumed when it can be."""
+    argv = _with_flag(run.argv, "--threads", str(threads))
+    if resumable(run_dir):
+        argv = _with_flag(argv, "--resume-from", str(run_dir))
+    return [sys.executable, "-m", f"{run.model}.train", *argv]
+
+
+def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     out = list(argv)
-    if "--threads" in out:
-        out[out.index("--threads") + 1] = str(threads)
+    if flag in out:
+        out[out.index(flag) + 1] = value
     else:
-        out += ["--threads", str(threads)]
+        out += [flag, value]
     return out
 
 
@@ -104,7 +120,7 @@ class Runner:
         """Run every unfinished run; returns {run id: {status, ...}}."""
         todo = []
         for r in self.plan.runs:
-            state = run_status(_run_dir(self.matrix_dir, r.id))
+            state = run_status(run_dir_of(self.matrix_dir, r.id))
             if state == "complete":
                 self.status[r.id] = {"status": "complete", "skipped": True}
             else:
@@ -135,7 +151,7 @@ class Runner:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
             if self.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
-            argv = [sys.executable, "-m", f"{run.model}.train", *_with_threads(run.argv, self.threads)]
+            argv = run_command(run, run_dir_of(self.matrix_dir, run.id), self.threads)
             log_path = self.matrix_dir / "logs" / f"{run.id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             start = time.monotonic()
@@ -147,7 +163,7 @@ class Runner:
                 code = proc.wait()
                 with self.lock:
                     self.children.discard(proc)
-            state = run_status(_run_dir(self.matrix_dir, run.id))
+            state = run_status(run_dir_of(self.matrix_dir, run.id))
             record = {"status": state if state not in ("pending", "running") else "failed", "exit_code": code,
                       "seconds": round(time.monotonic() - start, 1), "log": str(log_path.relative_to(self.matrix_dir))}
             if record["status"] != "complete":
