@@ -199,7 +199,7 @@ def run_states(matrix_dir: Path, plan: Plan) -> list[dict]:
             if jobs and on_disk == "running":  # `running` on disk, but Slurm has no task: it was killed
                 state = "killed"
             if jobs and on_disk == "pending":  # a task that ended without starting its trainer left its reason in slurm/
-                state = "not started" if run.id in submitted else "not submitted"
+                state = "unstarted" if run.id in submitted else "unsubmitted"
             slurm = " ".join(filter(None, [submitted.get(run.id, ""), last.get(run.id, "")]))
         rows.append({"run": run.id, "state": state, "slurm": slurm})
     return rows
