@@ -74,7 +74,7 @@ def srun_args(nnodes: int, cpus: int | str | None = None, gpus_per_node: int | s
 
 
 def slurm_node(env: Mapping[str, str], nnodes: int, port: int,
-               hostnames: Callable[[str], list[str]] = slurm_hostnames) -> SlurmNode | None:
+               hostnames: Callable[[str], list[str]] | None = None) -> SlurmNode | None:
     """This node's place in the Slurm job step it runs in (one task per node); None outside a step.
 
     The head node is the first of the step's nodes; this node's rank is its position in that list
@@ -83,7 +83,7 @@ def slurm_node(env: Mapping[str, str], nnodes: int, port: int,
     """
     if "SLURM_STEP_ID" not in env or "SLURM_JOB_ID" not in env:
         return None
-    nodes = hostnames(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    nodes = (hostnames or slurm_hostnames)(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
     if len(nodes) != nnodes:
         raise KpruneError(f"DDP_NNODES={nnodes} but this Slurm job step runs on {len(nodes)} node(s) "
                           f"({', '.join(nodes)}): start it with srun --nodes={nnodes} --ntasks-per-node=1")
