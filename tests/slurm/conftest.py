@@ -93,7 +93,9 @@ def _node_idle(env: dict) -> bool:
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory) -> dict:
     """A running single-node Slurm; yields {'conf', 'partition', 'root'}. SLURM_CONF is set meanwhile."""
-    missing = [d for d in (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel") if shutil.which(d) is None]
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # daemons live in sbin
+    where = {d: shutil.which(d, path=search) for d in (*DAEMONS, "sbatch", "squeue", "scontrol", "scancel")}
+    missing = [d for d, path in where.items() if path is None]
     if missing:
         pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge "
                     "(.ci/run does this)")
@@ -110,11 +112,11 @@ def slurm(tmp_path_factory) -> dict:
     conf.write_text(_conf(root, sockets / "munge.socket"))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     commands = {
-        "munged": ["munged", "--foreground", f"--socket={sockets / 'munge.socket'}", f"--key-file={key}",
+        "munged": [where["munged"], "--foreground", f"--socket={sockets / 'munge.socket'}", f"--key-file={key}",
                    f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
                    f"--seed-file={root / 'munged.seed'}"],
-        "slurmctld": ["slurmctld", "-D", "-c", "-f", str(conf)],
-        "slurmd": ["slurmd", "-D", "-N", "localhost", "-f", str(conf)],
+        "slurmctld": [where["slurmctld"], "-D", "-c", "-f", str(conf)],
+        "slurmd": [where["slurmd"], "-D", "-N", "localhost", "-f", str(conf)],
     }
     procs: dict[str, subprocess.Popen] = {}
     old_conf = os.environ.get("SLURM_CONF")
