@@ -101,7 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         matrix_dir, plan, kconf, root = prepare(args.set, args.results or None)
         if kconf is not None and executor(kconf) == "slurm":
+            if jobs != 1:
+                print("note: JOBS is for the local executor; SLURM_MAX_RUNNING limits runs at once on Slurm")
             return submit_to_slurm(matrix_dir, plan, kconf, root)
+        if matrix_dir is not None and slurm.load_jobs(matrix_dir):
+            on_slurm = slurm.queued_tasks(matrix_dir, plan)
+            if on_slurm:  # running them here too would make two processes write one run
+                raise KpruneError(f"{len(on_slurm)} runs of {matrix_dir} are queued or running on Slurm: wait "
+                                  "(make matrix-status), cancel them (make matrix-cancel) or keep "
+                                  "MATRIX_EXECUTOR=slurm")
         if matrix_dir is None:
             matrix_dir = _new_matrix_dir(root, plan)
         status = Runner(matrix_dir, plan, jobs=jobs).run()

@@ -195,6 +195,9 @@ def test_matrix_cancel_stops_what_is_queued_or_running(slurm, tmp_path):
     _defconfig(tmp_path, "MAX_ITERS=3000 SCHEDULE_END=2000 SCHEDULE_FREQUENCY=100 EVAL_INTERVAL=3000")
     matrix_dir = _matrix_dir(_cli(tmp_path, "scripts.matrix"), tmp_path)
     _wait(lambda: list(matrix_dir.glob("runs/*/metrics.jsonl")), "a trainer to start")
+    # The local runner refuses to run what Slurm is running.
+    local = _cli(tmp_path, "scripts.matrix", "--results", str(matrix_dir), "--set", "MATRIX_EXECUTOR=local")
+    assert local.returncode == 2 and "3 runs of" in local.stderr and "queued or running on Slurm" in local.stderr
     result = _cli(tmp_path, "scripts.matrix_jobs", "cancel", "--results", str(matrix_dir))
     assert result.returncode == 0, result.stderr
     assert "cancelled 3 Slurm tasks" in result.stdout
