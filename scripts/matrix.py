@@ -32,38 +32,38 @@ from lib.matrix.slurm_options import executor, slurm_options
 from scripts.kconfig import DOT_CONFIG, load_dot_config
 
 
-def prepare(set_text: str | None, results: str | None) -> tuple[Path | None, Plan, object | None, Path]:
-    """(matrix dir to resume or None for a new one, plan, .config or None, results root)."""
+def prepare(set_text: str | None, results: str | None) -> tuple[Path, Plan, object | None, bool]:
+    """(matrix dir, plan, .config or None, whether the dir is still to be created)."""
     kconf = load_dot_config(set_text) if not results or DOT_CONFIG.exists() else None
     if results:
         matrix_dir = Path(results)
-        return matrix_dir, load_plan(matrix_dir), kconf, matrix_dir.parent
+        return matrix_dir, load_plan(matrix_dir), kconf, False
     root = Path(settings_from_kconfig(kconf).output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = kconf.syms["MATRIX_NAME"].str_value or "matrix"
-    plan = build_plan(kconf, root / f"matrix-{name}-{stamp}" / "runs")
+    matrix_dir = root / f"matrix-{name}-{stamp}"  # the runs write below it: one stamp for both
+    plan = build_plan(kconf, matrix_dir / "runs")
     if not plan.runs:
         reasons = "; ".join(d["reason"] for d in plan.dropped) or "no axis values"
         raise KpruneError(f"the matrix has no valid combination ({reasons})")
     unfinished = find_unfinished(root, plan.plan_hash)
     if unfinished is not None:
         print(f"resuming {unfinished}: same plan, unfinished", flush=True)
-        return unfinished, load_plan(unfinished), kconf, root
-    return None, plan, kconf, root
+        return unfinished, load_plan(unfinished), kconf, False
+    return matrix_dir, plan, kconf, True
 
 
-def _new_matrix_dir(root: Path, plan: Plan) -> Path:
-    matrix_dir = create_matrix_dir(root, plan)
+def _new_matrix_dir(matrix_dir: Path, plan: Plan) -> Path:
+    create_matrix_dir(matrix_dir, plan)
     print(plan_table(plan), flush=True)
     return matrix_dir
 
 
-def submit_to_slurm(matrix_dir: Path | None, plan: Plan, kconf, root: Path) -> int:
+def submit_to_slurm(matrix_dir: Path, plan: Plan, kconf, new: bool) -> int:
     opts = slurm_options(kconf)
     slurm.check(opts)  # a partition Slurm does not know, say, is an error before anything is written
-    new = matrix_dir is None
     if new:
-        matrix_dir = _new_matrix_dir(root, plan)
+        _new_matrix_dir(matrix_dir, plan)
     try:
         record = slurm.submit(matrix_dir, plan, opts, Path.cwd())
     except KpruneError:
@@ -99,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        matrix_dir, plan, kconf, root = prepare(args.set, args.results or None)
+        matrix_dir, plan, kconf, new = prepare(args.set, args.results or None)
         if kconf is not None and executor(kconf) == "slurm":
             if jobs != 1:
                 print("note: JOBS is for the local executor; SLURM_MAX_RUNNING limits runs at once on Slurm")
-            return submit_to_slurm(matrix_dir, plan, kconf, root)
-        if matrix_dir is not None and slurm.load_jobs(matrix_dir):
+            return submit_to_slurm(matrix_dir, plan, kconf, new)
+        if not new and slurm.load_jobs(matrix_dir):
             on_slurm = slurm.queued_tasks(matrix_dir, plan)
             if on_slurm:  # running them here too would make two processes write one run
                 raise KpruneError(f"{len(on_slurm)} runs of {matrix_dir} are queued or running on Slurm: wait "
                                   "(make matrix-status), cancel them (make matrix-cancel) or keep "
                                   "MATRIX_EXECUTOR=slurm")
-        if matrix_dir is None:
-            matrix_dir = _new_matrix_dir(root, plan)
+        if new:
+            _new_matrix_dir(matrix_dir, plan)
         status = Runner(matrix_dir, plan, jobs=jobs).run()
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)

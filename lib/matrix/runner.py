@@ -40,9 +40,9 @@ def run_status(run_dir: Path) -> str:
         return "failed"
 
 
-def create_matrix_dir(results: Path, plan: Plan) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = Path(results) / f"matrix-{plan.name}-{stamp}"
+def create_matrix_dir(path: Path, plan: Plan) -> Path:
+    """Create `path` (the directory the plan's runs write below) with plan.json and plan.md."""
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
     plan.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(path / "plan.json", plan.to_json())

@@ -49,14 +49,16 @@ def _states(cwd: Path, matrix_dir: Path) -> dict[str, str]:
     return {row[0]: row[1] for row in rows}
 
 
-def _wait(predicate, what: str, timeout: float = 150.0, every: float = 0.5):
+def _wait(predicate, what: str, timeout: float = 240.0, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    pytest.fail(f"timed out waiting for {what}")
+    queue = subprocess.run(["squeue", "-a", "-r", "-o", "%i %T %r %M"], capture_output=True, text=True)
+    nodes = subprocess.run(["sinfo", "-N", "-o", "%N %t %E"], capture_output=True, text=True)
+    pytest.fail(f"timed out waiting for {what}\n{queue.stdout}{queue.stderr}\n{nodes.stdout}{nodes.stderr}")
 
 
 def _summary(run_dir: Path) -> dict:
