@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("note: JOBS is for the local executor; SLURM_MAX_RUNNING limits runs at once on Slurm")
             return submit_to_slurm(matrix_dir, plan, kconf, new)
         if not new and slurm.load_jobs(matrix_dir):
-            on_slurm = slurm.queued_tasks(matrix_dir, plan)
+            on_slurm = slurm.queued_tasks(matrix_dir)
             if on_slurm:  # running them here too would make two processes write one run
                 raise KpruneError(f"{len(on_slurm)} runs of {matrix_dir} are queued or running on Slurm: wait "
                                   "(make matrix-status), cancel them (make matrix-cancel) or keep "

@@ -46,8 +46,8 @@ def cmd_status(matrix_dir: Path) -> int:
 
 
 def cmd_cancel(matrix_dir: Path) -> int:
-    plan = load_plan(matrix_dir)
-    tasks = slurm.cancel(matrix_dir, plan)
+    load_plan(matrix_dir)  # a matrix directory, or a clear error
+    tasks = slurm.cancel(matrix_dir)
     if not tasks:
         print(f"matrix {matrix_dir}: nothing queued or running")
         return 0

@@ -114,7 +114,7 @@ def load_jobs(matrix_dir: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))["submissions"] if path.exists() else []
 
 
-def queued_tasks(matrix_dir: Path, plan: Plan) -> dict[str, Task]:
+def queued_tasks(matrix_dir: Path) -> dict[str, Task]:
     """Run id -> its task, for every run Slurm still has queued or running."""
     jobs = load_jobs(matrix_dir)
     if not jobs:
@@ -136,7 +136,7 @@ def queued_tasks(matrix_dir: Path, plan: Plan) -> dict[str, Task]:
 
 def submit(matrix_dir: Path, plan: Plan, opts: SlurmOptions, workdir: Path) -> dict | None:
     """Submit one array for the runs neither complete nor queued nor running; None when there are none."""
-    queued = queued_tasks(matrix_dir, plan)
+    queued = queued_tasks(matrix_dir)
     todo = [i for i, r in enumerate(plan.runs)
             if r.id not in queued and run_status(run_dir_of(matrix_dir, r.id)) != "complete"]
     if not todo:
@@ -184,7 +184,7 @@ def _last_states(matrix_dir: Path) -> dict[str, str]:
 def run_states(matrix_dir: Path, plan: Plan) -> list[dict]:
     """Each run's state: from Slurm while it is queued or running, from its directory otherwise."""
     jobs = load_jobs(matrix_dir)
-    queued = queued_tasks(matrix_dir, plan)
+    queued = queued_tasks(matrix_dir)
     last = _last_states(matrix_dir)
     submitted = {run_id: f"{j['job_id']}_{i}" for j in jobs for i, run_id in j["tasks"].items()}
     rows = []
@@ -205,9 +205,9 @@ def run_states(matrix_dir: Path, plan: Plan) -> list[dict]:
     return rows
 
 
-def cancel(matrix_dir: Path, plan: Plan) -> list[str]:
+def cancel(matrix_dir: Path) -> list[str]:
     """scancel every task still queued or running; returns the tasks cancelled."""
-    queued = queued_tasks(matrix_dir, plan)
+    queued = queued_tasks(matrix_dir)
     tasks = sorted(t.job for t in queued.values())
     if tasks:
         result = _slurm(["scancel", *tasks])
