@@ -20,7 +20,7 @@ USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD 
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
+        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -39,6 +39,10 @@ help:
 	@echo "  train (default)    run the trainer .config selects; last line: results: <dir>"
 	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir> (default: the newest)"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
+	@echo "                     (MATRIX_EXECUTOR=slurm: submit one Slurm job array and return)"
+	@echo "  matrix-status      each run of the newest matrix (or RESULTS=dir): state, Slurm task"
+	@echo "  matrix-cancel      cancel the newest matrix's (or RESULTS=dir) queued and running Slurm tasks"
+	@echo "  sbatch-train       submit make train as a Slurm job (DDP_NNODES nodes, one torchrun each)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
 	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2)"
@@ -88,6 +92,12 @@ schedule: $(STAMP)
 
 test-matrix: $(STAMP)
 	@$(PY) -m scripts.matrix
+
+matrix-status matrix-cancel: matrix-%: $(STAMP)
+	@$(PY) -m scripts.matrix_jobs $*
+
+sbatch-train: $(STAMP)
+	@$(PY) -m scripts.sbatch_train
 
 data-cifar10 data-cifar100: data-%: $(STAMP)
 	@$(PY) -m scripts.fetch_data $*
