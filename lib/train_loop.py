@@ -34,6 +34,7 @@ from lib.memory import memory_by_kind
 from lib.pruning.build import budget_multiplier, build_pruner
 from lib.pruning.methods import Observation
 from lib.pruning.pruner import Pruner
+from lib.pruning.units import Units
 from lib.results import MetricsLog, claim_run_dir, create_run_dir, read_metrics, write_json_atomic, write_text_atomic
 from lib.settings import Settings
 
@@ -56,6 +57,8 @@ class Task:
     # The data position, for checkpoints: where next_batch would continue from.
     data_state: Callable[[], dict] = dict
     load_data_state: Callable[[dict], None] = lambda state: None
+    # The model's channel units (neurons, heads, filters) for SPARSITY_STRUCTURE=channel; None: it has none.
+    units: Units | None = None
 
 
 class Interrupted(Exception):
@@ -82,7 +85,8 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
     optimizer = optim.build_optimizer(task.model, settings)
     pruner, adaptive = None, None
     if settings.pruning_method != "none":
-        pruner, adaptive = build_pruner(settings, task.prunable, optimizer, _count_params(task.model))
+        pruner, adaptive = build_pruner(settings, task.prunable, optimizer, _count_params(task.model),
+                                        units=task.units)
     multiplier = budget_multiplier(settings)
     iterations = int(round(settings.max_iters * multiplier))
     state = _LoopState(items_per_step=task.items_per_step * settings.grad_accum_steps)
@@ -320,8 +324,7 @@ def _steps(s: Settings, iterations: int, task: Task, model: nn.Module, precision
                    "step_time_s": window_time / window_steps, f"{task.item_unit}_per_s": throughput}
             if update is not None:
                 row["mask_update"] = True
-                row["pruned_count"] = update.pruned_count
-                row["target_count"] = update.target_count
+                row.update(update.metrics())
             metrics.write(row)
             if not interactive and talk:
                 print(f"step {step}/{iterations} loss {row['loss']:.4f} lr {lr:.2e} "
@@ -395,6 +398,7 @@ def _base_summary(s: Settings, task: Task, optimizer, pruner: Pruner | None, dev
             "frequency": pruner.schedule.frequency},
         "target_sparsity": s.target_sparsity if pruner is not None else 0.0,
         "prunable_params": pruner.numel if pruner is not None else sum(p.numel() for _, p in task.prunable),
+        **(pruner.structure_summary() if pruner is not None else {}),
         "params": n_params,
         "seed": s.seed,
         "device": str(device),
