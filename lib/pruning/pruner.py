@@ -203,6 +203,11 @@ class Pruner:
         self.peak_score_bytes = state["peak_score_bytes"]
         self.structure.load_state_dict(state.get("structure", {}))
 
+    def clear(self) -> None:
+        """Forget every pruned weight and group (the weights stay as they are): for benchmarks and tests."""
+        self.masks.clear()
+        self.structure.clear()
+
     def observe(self, obs: Observation) -> None:
         self.method.observe(obs)
 

@@ -158,6 +158,9 @@ class Structure:
         """Weights pruned after a selection of that many groups."""
         return selected_groups
 
+    def clear(self) -> None:
+        """Forget which groups are pruned (the masks are cleared by their owner)."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -223,6 +226,11 @@ class GroupStructure(Structure):
 
     def pruned_groups(self) -> int:
         return sum(self.pruned_per_layer())
+
+    def clear(self) -> None:
+        for s in self.pruned:
+            s.zero_()
+        self._rewrite_attached()
 
     def state_dict(self) -> dict:
         return {"pruned": [s.clone() for s in self.pruned]}
