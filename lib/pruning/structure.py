@@ -85,11 +85,13 @@ def nm_cap_(key: torch.Tensor, shape: torch.Size, n: int, m: int) -> None:
     for r0 in range(0, rows, per):
         x = view[r0:r0 + per]
         rank = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-        for j in range(m):  # m <= 8 comparisons, each over the whole chunk
-            xj = x[:, :, j:j + 1, :]
-            rank += xj < x
-            if j + 1 < m:  # an equal key earlier in the group ranks first
-                rank[:, :, j + 1:, :] += xj == x[:, :, j + 1:, :]
+        # One comparison per pair of positions (6 for M = 4), each over 1/M of the chunk: j < l ranks
+        # first when its key is lower or equal (an equal key earlier in the group ranks first).
+        for j in range(m):
+            for k in range(j + 1, m):
+                first = x[:, :, j, :] <= x[:, :, k, :]
+                rank[:, :, k, :] += first
+                rank[:, :, j, :] += first.logical_not_()
         x.masked_fill_(rank >= m - n, INT32_MAX)
 
 
