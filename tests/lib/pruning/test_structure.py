@@ -357,3 +357,25 @@ def test_attached_entries_of_pruned_units_get_no_gradient_whatever_the_loss():
         opt.step()
     for p, kept in pruner.masks.attached:
         assert (~kept).sum() == p.numel() // 2 and (p.detach()[~kept] == 0).all()
+
+
+def test_unit_scores_are_means_so_units_of_different_sizes_compare_fairly():
+    # Family "wide": units of 2 weights, |w| 0.3 and 2; family "narrow": units of 1 weight, |w| 0.5 and 3.
+    # At 25% one unit of the four goes: the lowest mean (0.3), not the lowest sum (0.5 < 0.6).
+    wide, narrow = nn.Parameter(torch.tensor([[0.3, 0.3], [2.0, 2.0]])), nn.Parameter(torch.tensor([[0.5], [3.0]]))
+    units = Units([UnitFamily("wide", (consecutive("wide", wide, 0, 2),)),
+                   UnitFamily("narrow", (consecutive("narrow", narrow, 0, 2),))])
+    pruner = Pruner([("wide", wide), ("narrow", narrow)], Schedule("one-shot", start=0, end=1, final=0.25),
+                    magnitude, torch.optim.AdamW([wide, narrow]), structure=Channel(units))
+    pruner.update(0)
+    assert [s.tolist() for s in pruner.structure.pruned] == [[True, False], [False, False]]
+
+
+def test_equal_tile_scores_are_taken_in_tie_hash_order_of_the_tile_index():
+    a, b = nn.Parameter(torch.full((4, 8), 0.5)), nn.Parameter(torch.full((8, 4), 0.5))
+    pruner = Pruner([("a", a), ("b", b)], Schedule("one-shot", start=0, end=1, final=0.5), magnitude,
+                    torch.optim.AdamW([a, b]), structure=Block(2, 2))
+    pruner.update(0)  # 8 + 8 tiles, all tied: the 8 whose pool indices 0..15 hash lowest
+    hashes = tie_hash(torch.arange(16))
+    expected = hashes <= hashes.sort().values[7]
+    assert torch.cat([s.reshape(-1) for s in pruner.structure.pruned]).tolist() == expected.tolist()
