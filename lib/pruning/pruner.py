@@ -26,61 +26,11 @@ from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn
 from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
-from lib.pruning.structure import Structure, check_scope, row_select
+# target_count and layer_adaptive_counts are imported from here by their users
+from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
+                               select_groups, target_count)
+from lib.pruning.structure import Structure
 
-
-
-def target_count(sparsity: float, numel: int) -> int:
-    """Weights to prune for `sparsity` of `numel`: rounded half up, as documented."""
-    return min(numel, int(sparsity * numel + 0.5))
-
-
-def layer_adaptive_counts(k: int, sizes: list[int], floor: list[int] | None = None,
-                          cap: float = LAYER_CAP) -> list[int]:
-    """Per-layer pruned counts for depth-scaled sparsity that sum to the global target exactly.
-
-    With s = k / (all weights), layer i of L gets min(0.95, c * s * (0.7 + 0.6 * i / (L - 1))); the factor c
-    is found by bisection so the fractions add up to s over all weights, and
-    the counts are rounded by largest remainder. `floor` (weights already
-    pruned per layer) is respected: no layer's count goes down. Sizes may
-    count groups (tiles, units) instead of weights; `cap` lowers the 0.95
-    per-layer cap where a structure allows less (N:M: (M-N)/M).
-    """
-    n_layers, total = len(sizes), sum(sizes)
-    sparsity = k / total
-    floor = floor or [0] * n_layers
-    if k <= sum(floor):
-        return list(floor)
-    scales = [0.7 + 0.6 * i / (n_layers - 1) if n_layers > 1 else 1.0 for i in range(n_layers)]
-    capacity = sum(int(cap * n) for n in sizes)
-    if k > capacity:
-        raise ValueError(f"sparsity {sparsity:.4g} cannot be reached with every layer capped at {cap}")
-
-    def fractions(c: float) -> list[float]:
-        return [min(cap, c * sparsity * sc) for sc in scales]
-
-    lo, hi = 0.0, 1.0
-    while sum(f * n for f, n in zip(fractions(hi), sizes)) < k:
-        hi *= 2.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if sum(f * n for f, n in zip(fractions(mid), sizes)) < k:
-            lo = mid
-        else:
-            hi = mid
-    ideal = [f * n for f, n in zip(fractions(hi), sizes)]
-    counts = [max(fl, min(int(x), int(cap * n))) for x, n, fl in zip(ideal, sizes, floor)]
-    # Hand out (or take back) the remainder one weight at a time, largest remainder first.
-    order = sorted(range(n_layers), key=lambda i: (-(ideal[i] - int(ideal[i])), i))
-    while sum(counts) < k:
-        for i in order:
-            if sum(counts) < k and counts[i] < int(cap * sizes[i]):
-                counts[i] += 1
-    while sum(counts) > k:
-        for i in reversed(order):
-            if sum(counts) > k and counts[i] > floor[i]:
-                counts[i] -= 1
-    return counts
 
 
 @dataclass
@@ -101,15 +51,6 @@ class MaskUpdate:
         """The fields a metrics row records for this update."""
         return {"pruned_count": self.pruned_count, "target_count": self.target_count, "group": self.group,
                 "pruned_groups": self.pruned_groups, "target_groups": self.target_groups}
-
-
-@dataclass(frozen=True)
-class Counts:
-    """How many groups an update prunes: in all (`total`) and, unless the scope is global, where."""
-
-    total: int
-    per_layer: list[int] | None = None  # layer and layer-adaptive scope
-    per_row: list[int] | None = None    # row scope: groups pruned in every row of each layer
 
 
 class Pruner:
@@ -242,19 +183,7 @@ class Pruner:
 
     def _counts(self, sparsity: float) -> Counts:
         """The groups the scope asks to prune at `sparsity`, never fewer than are pruned (no revival)."""
-        s = self.structure
-        if self.scope == "global":
-            return Counts(max(target_count(sparsity, sum(s.layer_sizes())), s.pruned_groups()))
-        if self.scope == "row":
-            rows = s.layer_rows()
-            per_row = [target_count(sparsity, cols) for _, cols in rows]
-            return Counts(sum(r * c for (r, _), c in zip(rows, per_row)), per_row=per_row)
-        sizes, floor = s.layer_sizes(), s.pruned_per_layer()
-        if self.scope == "layer":
-            per_layer = [max(target_count(sparsity, n), f) for n, f in zip(sizes, floor)]
-            return Counts(sum(per_layer), per_layer=per_layer)
-        k = max(target_count(sparsity, sum(sizes)), sum(floor))
-        return Counts(k, per_layer=layer_adaptive_counts(k, sizes, floor, cap=min(LAYER_CAP, s.cap())))
+        return scope_counts(self.scope, self.structure, sparsity)
 
     def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks, structure = self.masks, self.structure
@@ -284,7 +213,7 @@ class Pruner:
             keys.append(key)
         self.peak_score_bytes = max(self.peak_score_bytes, allocated)
         if not weight_level:
-            structure.apply(_select_groups(structure.group_keys(), counts, structure.layer_rows
+            structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
                                            if counts.per_row is not None else None))
             masks.pruned_count = structure.pruned_weights(counts.total)
         elif counts.per_row is not None:
@@ -327,32 +256,6 @@ class Pruner:
             first_index = sum(p.numel() for p in self.masks.params[:first])
             for j, start, selected in iter_selection(keys, thr, chunk=CHUNK, first_index=first_index):
                 self.masks.bits[first + j][start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
-
-
-def _select_groups(keys: list[torch.Tensor], counts: Counts, layer_rows) -> list[torch.Tensor]:
-    """Bool selection of the groups `counts` asks for, per layer, from each layer's small int32 group keys.
-
-    Ties are broken by the tie hash of each group's index in the pool of groups.
-    """
-    offsets = [0]
-    for key in keys[:-1]:
-        offsets.append(offsets[-1] + key.numel())
-    if counts.per_row is not None:
-        return [row_select(key.view(rows, cols), c, first).reshape(-1)
-                for key, (rows, cols), c, first in zip(keys, layer_rows(), counts.per_row, offsets)]
-    if counts.per_layer is not None:
-        return [_lowest([key], count, first)[0] for key, count, first in zip(keys, counts.per_layer, offsets)]
-    return _lowest(keys, counts.total, 0)
-
-
-def _lowest(keys: list[torch.Tensor], k: int, first_index: int) -> list[torch.Tensor]:
-    """Bool flags of the k lowest of `keys` taken together, one tensor per key tensor."""
-    out = [torch.zeros(key.numel(), dtype=torch.bool, device=key.device) for key in keys]
-    if k:
-        thr = kth_threshold(keys, k)
-        for j, start, selected in iter_selection(keys, thr, first_index=first_index):
-            out[j][start:start + selected.numel()] = selected
-    return out
 
 
 def _spent_gradient(p: nn.Parameter) -> torch.Tensor | None:

@@ -20,7 +20,9 @@ from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import bitter7, magnitude
 from lib.pruning.selection import tie_hash
-from lib.pruning.structure import NM, Block, Channel, Structure, nm_cap_, row_select
+from lib.pruning.scope import row_select
+from lib.pruning.channel import Channel
+from lib.pruning.structure import NM, Block, Structure, nm_cap_
 from lib.pruning.units import UnitFamily, Units, attention_heads, consecutive
 
 SCHEDULE = Schedule("linear", start=4, end=40, final=0.5, frequency=6)
