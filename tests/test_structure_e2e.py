@@ -58,7 +58,7 @@ def _block_weights(weights: dict) -> dict[str, torch.Tensor]:
 
 
 def test_gpt2_bitter7_2of4_ends_with_the_2_of_4_pattern_in_every_layer(tmp_path, data_dir, capsys):
-    summary, weights, rows = _run("gpt2-bitter7", tmp_path, data_dir, capsys, "SPARSITY_STRUCTURE=nm")
+    summary, weights, rows = _run("gpt2-bitter7-2of4", tmp_path, data_dir, capsys)
     _exact(summary, rows, "weight")
     layers = _block_weights(weights)
     assert len(layers) == 16
@@ -73,8 +73,7 @@ def test_gpt2_bitter7_2of4_ends_with_the_2_of_4_pattern_in_every_layer(tmp_path,
 
 
 def test_gpt2_magnitude_channel_prunes_whole_heads_and_neurons(tmp_path, data_dir, capsys):
-    summary, weights, rows = _run("gpt2-magnitude", tmp_path, data_dir, capsys, "SPARSITY_STRUCTURE=channel",
-                                  "SPARSITY_SCOPE=layer")
+    summary, weights, rows = _run("gpt2-magnitude-channel", tmp_path, data_dir, capsys)
     _exact(summary, rows, "unit")
     width, n_head = 128, 4
     head = width // n_head
@@ -136,8 +135,7 @@ def test_lenet5_block_and_channel(tmp_path, data_dir, capsys):
         t = (weights[name] == 0).view(weights[name].shape[0] // 4, 4, -1, 4)
         assert torch.equal(t.all(3).all(1), t.any(3).any(1)), name
 
-    summary, weights, rows = _run("lenet5-bitter7", tmp_path, data_dir, capsys, "SPARSITY_STRUCTURE=channel",
-                                  "TARGET_SPARSITY=0.5")
+    summary, weights, rows = _run("lenet5-bitter7-channel", tmp_path, data_dir, capsys)
     _exact(summary, rows, "unit")
     assert summary["structure_excluded"] == []
     pruned = 0
@@ -148,7 +146,8 @@ def test_lenet5_block_and_channel(tmp_path, data_dir, capsys):
         cols = (after == 0).reshape(after.shape[0], -1, per * (after[0, 0].numel() if after.dim() > 2 else 1))
         assert torch.equal(dead, cols.all(2).all(0)), layer
         pruned += int(dead.sum())
-    assert pruned == target_count(0.5, 6 + 16 + 120 + 84) == summary["mask_updates"][-1]["pruned_groups"]
+    # layer scope: half of each layer's units
+    assert pruned == 3 + 8 + 60 + 42 == summary["mask_updates"][-1]["pruned_groups"]
 
 
 def test_resnet_channel_prunes_filters_with_their_batchnorm_and_leaves_residual_channels(tmp_path, data_dir,
