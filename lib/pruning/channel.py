@@ -41,6 +41,7 @@ class Channel(GroupStructure):
         position = {id(p): i for i, p in enumerate(masks.params)}
         device = masks.params[0].device if masks.params else None
         self.pruned = [torch.zeros(f.count, dtype=torch.bool, device=device) for f in families]
+        masks.group_state = self.pruned
         # Which (family, slice) touches each parameter; pool parameters are scored, the rest follow.
         self.touching: dict[int, list[tuple[int, object]]] = {}
         self.params: dict[int, nn.Parameter] = {}

@@ -112,6 +112,8 @@ class MaskSet:
         self.pruned_count = 0
         # (parameter outside the pool, bool "kept" mask of its shape), set by a structure
         self.attached: list[tuple[nn.Parameter, torch.Tensor]] = []
+        # A structure's own record of its pruned groups (one flag per tile or unit), counted as mask memory.
+        self.group_state: list[torch.Tensor] = []
 
     # ------------------------------------------------------------ reading
 
@@ -150,7 +152,8 @@ class MaskSet:
         return [int((p == 0).sum()) for p in self.params]
 
     def state_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.bits)
+        tensors = [*self.bits, *(kept for _, kept in self.attached), *self.group_state]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------ writing
 

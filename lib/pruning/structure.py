@@ -260,6 +260,7 @@ class Block(GroupStructure):
         super().bind(masks)
         self.tiles = [(_matrix_shape(p)[0] // self.rows, _matrix_shape(p)[1] // self.cols) for p in masks.params]
         self.pruned = [torch.zeros(t, dtype=torch.bool, device=p.device) for t, p in zip(self.tiles, masks.params)]
+        masks.group_state = self.pruned
         self.means: list[torch.Tensor | None] = [None] * len(self.pruned)
 
     def layer_sizes(self) -> list[int]:

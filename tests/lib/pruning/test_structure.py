@@ -381,3 +381,14 @@ def test_equal_tile_scores_are_taken_in_tie_hash_order_of_the_tile_index():
     hashes = tie_hash(torch.arange(16))
     expected = hashes <= hashes.sort().values[7]
     assert torch.cat([s.reshape(-1) for s in pruner.structure.pruned]).tolist() == expected.tolist()
+
+
+def test_mask_memory_counts_the_structures_own_state():
+    model = _model()
+    plain = Pruner(_pool(model), SCHEDULE, magnitude, torch.optim.AdamW(model.parameters()))
+    bits = plain.masks.state_bytes()
+    block = Pruner(_pool(model), SCHEDULE, magnitude, torch.optim.AdamW(model.parameters()), structure=Block(4, 4))
+    assert block.masks.state_bytes() == bits + (8 * 16 + 16 * 8 + 8 * 4) // 16  # one flag per 4x4 tile
+    channel = Pruner(_pool(model), SCHEDULE, magnitude, torch.optim.AdamW(model.parameters()),
+                     structure=Channel(_units(model)))
+    assert channel.masks.state_bytes() == bits + (16 + 8) + (16 + 8)  # unit flags and the biases' kept masks
