@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import torch
 
 from lib import distributed
 from lib.errors import KpruneError
-from lib.results import read_json, read_metrics, run_status, write_bytes_atomic, write_json_atomic, write_text_atomic
+from lib.results import (read_json, read_metrics_lines, run_status, write_bytes_atomic, write_json_atomic,
+                         write_text_atomic)
 
 FORMAT = 1
 # Settings that may differ between the interrupted run and its resumption.
@@ -156,5 +158,11 @@ def resume_run(run_dir: Path, settings, task, optimizer, pruner, progress: Progr
         return
     # Rows logged after the checkpoint are redone: drop them so each step appears once.
     metrics = Path(run_dir) / "metrics.jsonl"
-    rows = [r for r in read_metrics(metrics) if r.get("step", 0) <= progress.step] if metrics.exists() else []
+    rows, bad = read_metrics_lines(metrics) if metrics.exists() else ([], [])
+    if bad:  # keep the damaged original: the rewrite below holds only the rows that could be read
+        kept = metrics.with_name("metrics.jsonl.damaged")
+        write_bytes_atomic(kept, metrics.read_bytes())
+        print(f"warning: {metrics}: {len(bad)} damaged line(s) (not UTF-8 JSON) left out; the original is kept "
+              f"as {kept}", file=sys.stderr)
+    rows = [r for r in rows if r.get("step", 0) <= progress.step]
     write_text_atomic(metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

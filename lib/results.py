@@ -195,12 +195,27 @@ class MetricsLog:
                 raise write_error(self.path, exc) from exc
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a partial last line (a killed run) is skipped."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+def read_metrics_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """metrics.jsonl's rows, and the numbers of the lines that are not UTF-8 JSON objects.
+
+    The last piece of a file without its newline is a partial line a killed run left: skipped, not counted.
+    """
+    lines = Path(path).read_bytes().split(b"\n")
+    rows, bad = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
-    return rows
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif number < len(lines):
+            bad.append(number)
+    return rows, bad
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a partial last line (a killed run) and damaged lines are skipped."""
+    return read_metrics_lines(path)[0]

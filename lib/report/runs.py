@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import KpruneError
+from lib.results import read_metrics_lines
 
 AXIS_ORDER = ("model", "optimizer", "method", "target_sparsity", "schedule")
 RUN_FIRST = "run `make test-matrix` first"
@@ -224,22 +225,9 @@ def read_metrics_rows(path: Path) -> tuple[list[dict], str | None]:
     UTF-8 JSON holding an object is skipped and named, so one damaged file costs its own rows only.
     """
     try:
-        data = Path(path).read_bytes()
+        rows, bad = read_metrics_lines(path)
     except OSError as exc:
         return [], f"{path}: cannot read it ({exc.strerror}); its curves are left out of the plots"
-    lines = data.split(b"\n")
-    rows, bad = [], []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            row = None
-        if isinstance(row, dict):
-            rows.append(row)
-        elif number < len(lines):  # the last piece lacks its newline: a partial line, not damage
-            bad.append(number)
     if not bad:
         return rows, None
     shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

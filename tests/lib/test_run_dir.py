@@ -248,3 +248,22 @@ def test_resume_with_a_damaged_checkpoint_json_is_one_clear_line(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     with pytest.raises(KpruneError, match="checkpoint.json cannot be read .* is damaged and cannot be resumed"):
         checkpoint.load(tmp_path, "linear", {})
+
+
+def test_resume_keeps_a_damaged_metrics_file_and_goes_on(tmp_path, capsys):
+    """Undecodable bytes in metrics.jsonl (a disk fault, a stray editor) do not stop a resume or vanish."""
+    s = _settings(tmp_path, "--optimizer", "sgd", "--pruning-method", "none", "--max-iters", "8",
+                  "--checkpoint-interval", "4", "--eval-interval", "100", "--log-interval", "1", "--run-name", "r")
+    assert run(s, _linear, command=["test"]) == 0
+    run_dir = tmp_path / "r"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "status": "running"}))  # killed after a checkpoint
+    damaged = (run_dir / "metrics.jsonl").read_bytes().replace(b'{"', b'\xff\xfe{"', 1)
+    (run_dir / "metrics.jsonl").write_bytes(damaged)
+    capsys.readouterr()
+    assert run(dataclasses.replace(s, resume_from=str(run_dir)), _linear, command=["test"]) == 0
+    err = capsys.readouterr().err
+    assert "1 damaged line(s)" in err and "metrics.jsonl.damaged" in err
+    assert (run_dir / "metrics.jsonl.damaged").read_bytes() == damaged
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and 8 in steps  # the readable rows, each once
