@@ -63,7 +63,10 @@ def test_bench_pruning_prints_every_key_and_prunes_exactly(project):
     assert out["pruned_count_exact"] is True
     assert out["state_bytes_per_weight"] <= 0.126  # one bit per weight, padded per tensor
     assert out["threads"] == 2
-    assert out["step_overhead_ratio"] == pytest.approx(out["masked_step_s"] / out["dense_step_s"], rel=0.05)
+    # The ratio comes from the unrounded times; the printed times are rounded to 4 decimals (± 5e-5 each), the
+    # ratio to 3: it must lie in the interval those roundings allow, whatever the machine's speed.
+    m, d, half = out["masked_step_s"], out["dense_step_s"], 0.5e-4
+    assert (m - half) / (d + half) - 5e-4 <= out["step_overhead_ratio"] <= (m + half) / (d - half) + 5e-4
     assert target_count(0.5, out["params"]) == round(0.5 * out["params"])
 
 
