@@ -4,7 +4,7 @@ A trainer describes its model and data as a `Task`; `run()` does the rest:
 seeding, device, optimizer, pruning, learning-rate schedule, evaluation,
 progress display, metrics, divergence and interruption handling, and the
 results directory. Checkpoints live in lib/checkpoint.py, summary.json in
-lib/summary.py, signal handling in lib/stop.py.
+lib/summary.py, signal handling in lib/stop.py, the final model in lib/export.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lib.checkpoint import Progress
 from lib.device import (autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads,
                         with_precision)
 from lib.errors import KpruneError
+from lib.export import write_final_model
 from lib.lr import lr_at
 from lib.pruning.build import budget_multiplier, build_pruner
 from lib.pruning.methods import Observation
@@ -175,6 +176,7 @@ def _run_loop(loop: Loop, summary: dict) -> int:
             summary.update(final_summary(loop.task, loop.optimizer, loop.pruner, st))
             summary["status"] = status
             summary["world_size"] = distributed.world()[1]
+            summary.update(write_final_model(loop.run_dir, loop.task, loop.pruner, status, st.step))
             if loop.run_dir is not None:
                 write_json_atomic(loop.run_dir / "summary.json", summary)
                 if loop.trackers is not None:
