@@ -160,6 +160,9 @@ def pretrained_gpt(spec: str, size: str, block_size: int, dropout: float) -> GPT
 
 def write_hf_dir(model: GPT, directory: Path) -> list[Path]:
     """Write `model` in the Hugging Face GPT-2 layout into `directory` (atomically, file by file)."""
+    if model.cfg.heads is not None or model.cfg.hidden is not None:
+        raise KpruneError("the Hugging Face GPT-2 layout has the same heads and MLP width in every block: "
+                          "export the full-width model (dense with zeros) to it, not the smaller one")
     directory = Path(directory)
     tensors = to_hf(model.state_dict())
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
@@ -178,6 +181,7 @@ def gpt_from_final(final: FinalModel, run_dir: Path) -> GPT:
     config = final.metadata.get("shape", {}).get("config")
     if not final.metadata.get("model", "").startswith("gpt2") or not config:
         raise KpruneError(f"{run_dir} holds a {final.metadata.get('model')!r} model, not a GPT-2")
-    model = GPT(GPTConfig(**config))
+    per_block = {k: tuple(config[k]) for k in ("heads", "hidden") if config.get(k) is not None}
+    model = GPT(GPTConfig(**{**config, **per_block}))  # JSON gave lists; the config keeps tuples
     model.load_state_dict(final.state_dict())
     return model.eval()

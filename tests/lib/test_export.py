@@ -93,7 +93,7 @@ def test_export_copies_weights_masks_config_and_writes_the_shape(tmp_path):
     assert (out / "config").read_text() == "CONFIG_MODEL_GPT2=y\n"
     shape = json.loads((out / "shape.json").read_text())
     assert shape["config"] == {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 96,
-                               "dropout": 0.0}
+                               "dropout": 0.0, "heads": None, "hidden": None}
     assert shape["tensors"]["blocks.1.mlp.c_proj.weight"] == [32, 128] and shape["step"] == 4
 
 
