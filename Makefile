@@ -21,7 +21,7 @@ USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD 
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix plots compare export sample data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
+        list-defconfigs check-config command schedule test-matrix plots compare export sample data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -44,7 +44,8 @@ help:
 	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
 	@echo "  export             a run's final model into <run>/export/ (safetensors, masks, config; GPT-2: hf/): RESULTS=<run dir>"
 	@echo "  sample             text from a GPT-2 run's final model: RESULTS=<run dir> PROMPT=\"...\" [MAX_NEW_TOKENS TEMPERATURE TOP_K SAMPLE_SEED]"
-	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2)"
+	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2), bench-inference"
+	@echo "  bench-inference    forward latency and memory: dense vs pruned 124M-shaped GPT-2, or a run's model (RESULTS=<run dir>)"
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
 	@echo "  data-gpt2          prepare GPT-2 tokens: DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]"
 	@echo "  test               run the test suite"
@@ -102,10 +103,14 @@ data-gpt2: $(STAMP)
 	@$(if $(filter $(HUB_DATASETS),$(DATASET)),$(PY) -m pip install --quiet -r requirements-hub.txt)
 	@$(PY) -m scripts.prepare_gpt2_data
 
-bench: bench-pruning bench-train
+bench: bench-pruning bench-train bench-inference
 
 bench-pruning: $(STAMP)
 	@$(PY) -m bench.pruning
+
+# RESULTS=<run dir>: the run's model against its smaller self (bench/inference.py).
+bench-inference: $(STAMP)
+	@$(PY) -m bench.inference
 
 bench-train: $(STAMP) install-trackers  # its tracker arm runs W&B, trackio and TensorBoard
 	@$(PY) -m bench.train
