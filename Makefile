@@ -21,7 +21,8 @@ USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD 
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix plots compare export sample data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference \
+        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare export sample \
+        data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -40,6 +41,10 @@ help:
 	@echo "  train (default)    run the trainer .config selects; last line: results: <dir>"
 	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir> (default: the newest)"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
+	@echo "                     (MATRIX_EXECUTOR=slurm: submit one Slurm job array and return)"
+	@echo "  matrix-status      each run of the newest matrix (or RESULTS=dir): state, Slurm task"
+	@echo "  matrix-cancel      cancel the newest matrix's (or RESULTS=dir) queued and running Slurm tasks"
+	@echo "  sbatch-train       submit make train as a Slurm job (DDP_NNODES nodes, one torchrun each)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
 	@echo "  export             a run's final model into <run>/export/ (safetensors, masks, config; GPT-2: hf/): RESULTS=<run dir>"
@@ -92,6 +97,12 @@ schedule: $(STAMP)
 
 test-matrix: $(STAMP)
 	@$(PY) -m scripts.matrix
+
+matrix-status matrix-cancel: matrix-%: $(STAMP)
+	@$(PY) -m scripts.matrix_jobs $*
+
+sbatch-train: $(STAMP)
+	@$(PY) -m scripts.sbatch_train
 
 data-cifar10 data-cifar100: data-%: $(STAMP)
 	@$(PY) -m scripts.fetch_data $*

@@ -2,6 +2,9 @@
 
 `make train` starts `torchrun` when DDP_NPROC_PER_NODE x DDP_NNODES > 1; each
 process then finds WORLD_SIZE, RANK and LOCAL_RANK in its environment.
+Inside a Slurm allocation with several nodes, `make train` starts one
+`make train` per node with `srun`; each of those reads its node rank, the
+head node and the node count from Slurm's environment (`slurm_node`).
 Every rank computes the same masks from the same all-reduced gradients; a
 digest of the masks is compared across ranks at each update, and only
 rank 0 writes results.
@@ -11,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,67 @@ def world() -> tuple[int, int]:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Slurm's node list expression (gpu[01-04],cpu7) as host names, by `scontrol show hostnames`."""
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KpruneError(f"scontrol show hostnames {nodelist} failed: {result.stderr.strip()}")
+    return result.stdout.split()
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def srun_prefix(env: Mapping[str, str], nnodes: int) -> list[str] | None:
+    """In a Slurm allocation but not yet in a job step, with several nodes: the srun that starts
+    one process per node (None otherwise). The step keeps the job's CPUs and GPUs per node."""
+    if nnodes == 1 or "SLURM_JOB_ID" not in env or "SLURM_STEP_ID" in env:
+        return None
+    allocated = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 0)
+    if allocated < nnodes:
+        raise KpruneError(f"DDP_NNODES={nnodes} but this Slurm allocation has {allocated} node(s): "
+                          f"ask for {nnodes} (sbatch/salloc --nodes={nnodes}, or make sbatch-train)")
+    # srun does not inherit the job's CPUs per task from sbatch (Slurm >= 22.05): pass them on.
+    return srun_args(nnodes, env.get("SLURM_CPUS_PER_TASK"), env.get("SLURM_GPUS_PER_NODE"))
+
+
+def srun_args(nnodes: int, cpus: int | str | None = None, gpus_per_node: int | str | None = None) -> list[str]:
+    """srun starting one task per node on `nnodes` nodes; one failing node stops them all."""
+    out = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if cpus:
+        out.append(f"--cpus-per-task={cpus}")
+    if gpus_per_node:
+        out.append(f"--gpus-per-node={gpus_per_node}")
+    return out
+
+
+def slurm_node(env: Mapping[str, str], nnodes: int, port: int,
+               hostnames: Callable[[str], list[str]] | None = None) -> SlurmNode | None:
+    """This node's place in the Slurm job step it runs in (one task per node); None outside a step.
+
+    The head node is the first of the step's nodes; this node's rank is its position in that list
+    (so rank 0 is on the head, where torchrun's rendezvous listens). The port is DDP_MASTER_PORT
+    moved by the job id, so two jobs sharing a head node do not collide.
+    """
+    if "SLURM_STEP_ID" not in env or "SLURM_JOB_ID" not in env:
+        return None
+    nodes = (hostnames or slurm_hostnames)(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    if len(nodes) != nnodes:
+        raise KpruneError(f"DDP_NNODES={nnodes} but this Slurm job step runs on {len(nodes)} node(s) "
+                          f"({', '.join(nodes)}): start it with srun --nodes={nnodes} --ntasks-per-node=1")
+    here = env.get("SLURMD_NODENAME", "")
+    if here not in nodes:
+        raise KpruneError(f"this node ({here or 'SLURMD_NODENAME unset'}) is not in the job step's nodes "
+                          f"({', '.join(nodes)})")
+    moved = 1024 + (port - 1024 + int(env["SLURM_JOB_ID"]) % 1000) % (65536 - 1024)
+    return SlurmNode(nnodes=nnodes, node_rank=nodes.index(here), master_addr=nodes[0], master_port=moved)
 
 
 def init(backend: str, expected_world: int) -> torch.device | None:

@@ -300,7 +300,9 @@ def _semantic_errors(kconf: kconfiglib.Kconfig, seen: Assignments, cross_checks:
                 errors.append(f"{seen.locate(opt.symbol)}: CONFIG_{opt.symbol}=\"{sym.str_value}\": {exc}")
     if errors or not cross_checks:
         return errors
-    for symbol, problem in validate(settings_from_kconfig(kconf)):
+    from lib.matrix import slurm_options  # not a trainer flag: the matrix and sbatch-train read it
+
+    for symbol, problem in validate(settings_from_kconfig(kconf)) + slurm_options.problems(kconf):
         errors.append(f"{seen.locate(symbol)}: CONFIG_{symbol}: {problem}")
     return errors
 

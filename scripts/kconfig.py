@@ -19,6 +19,7 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from lib.cli import make_variable
@@ -41,15 +42,15 @@ def _overrides(text: str | None) -> list[str]:
                           "e.g. SET=\"RUN_NAME='my run'\"") from None
 
 
-def load_dot_config(set_text: str | None):
-    if not DOT_CONFIG.exists():
-        raise ConfigError(NO_CONFIG)
-    kconf, seen = read_config(DOT_CONFIG)
+def load_dot_config(set_text: str | None, path: Path = DOT_CONFIG):
+    if not path.exists():
+        raise ConfigError(NO_CONFIG if path == DOT_CONFIG else f"{path}: no such file")
+    kconf, seen = read_config(path)
     overrides = _overrides(set_text)
     if overrides:
         apply_overrides(kconf, seen, overrides)
-        write_config(kconf, DOT_CONFIG)
-        print(f"updated .config: {' '.join(overrides)}", file=sys.stderr)
+        write_config(kconf, path)
+        print(f"updated {path}: {' '.join(overrides)}", file=sys.stderr)
     return kconf
 
 
@@ -106,15 +107,28 @@ def cmd_list(args) -> int:
     return 0
 
 
-def trainer_command(kconf) -> list[str]:
-    """The trainer's command line; under torchrun when more than one process is configured."""
+def trainer_command(kconf, env: Mapping[str, str] = os.environ,
+                    per_node: tuple[str, ...] = ("train", "--config", str(DOT_CONFIG))) -> list[str]:
+    """The trainer's command line; under torchrun when more than one process is configured.
+
+    Inside a Slurm allocation with DDP_NNODES > 1, srun first starts `python -m scripts.kconfig
+    <per_node>` (this same command) once per node; there, the node rank, head node and node
+    count come from Slurm's environment.
+    """
     s = settings_from_kconfig(kconf)
     module = ["-m", f"{s.model}.train", *trainer_argv(kconf)]
     if s.ddp_nproc_per_node * s.ddp_nnodes == 1:
         return [sys.executable, *module]
+    from lib import distributed  # imports torch: only when torchrun is wanted
+
+    srun = distributed.srun_prefix(env, s.ddp_nnodes)
+    if srun is not None:
+        return [*srun, sys.executable, "-m", "scripts.kconfig", *per_node]
+    node = distributed.slurm_node(env, s.ddp_nnodes, s.ddp_master_port) or distributed.SlurmNode(
+        s.ddp_nnodes, s.ddp_node_rank, s.ddp_master_addr, s.ddp_master_port)
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={s.ddp_nproc_per_node}",
-            f"--nnodes={s.ddp_nnodes}", f"--node-rank={s.ddp_node_rank}", f"--master-addr={s.ddp_master_addr}",
-            f"--master-port={s.ddp_master_port}", *module]
+            f"--nnodes={node.nnodes}", f"--node-rank={node.node_rank}", f"--master-addr={node.master_addr}",
+            f"--master-port={node.master_port}", *module]
 
 
 def cmd_command(args) -> int:
@@ -123,9 +137,10 @@ def cmd_command(args) -> int:
 
 
 def cmd_train(args) -> int:
-    argv = trainer_command(load_dot_config(args.set))
+    config = Path(args.config)
+    argv = trainer_command(load_dot_config(args.set, config), per_node=("train", "--config", str(config)))
     print(shlex.join(argv), flush=True)
-    os.execv(argv[0], argv)  # the trainer takes over: its status and signals are the run's
+    os.execvp(argv[0], argv)  # the trainer (or srun) takes over: its status and signals are the run's
     return 0
 
 
@@ -151,9 +166,9 @@ def cmd_resume(args) -> int:
                           "make resume RESUME=<run directory> names a directory that make train wrote")
     kconf, seen = read_config(run_dir / "config")
     apply_overrides(kconf, seen, [f"RESUME_FROM={run_dir}"] + _overrides(args.set))
-    argv = trainer_command(kconf)
+    argv = trainer_command(kconf, per_node=("resume", str(run_dir), "--set", args.set or ""))
     print(shlex.join(argv), flush=True)
-    os.execv(argv[0], argv)
+    os.execvp(argv[0], argv)
     return 0
 
 
@@ -182,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="the run directory (make's RESUME=; default: the newest interrupted run)")
         if name == "savedefconfig":
             p.add_argument("--output", default="defconfig")
+        if name == "train":
+            p.add_argument("--config", default=str(DOT_CONFIG), help="the configuration to train (default: .config)")
     args = parser.parse_args(argv)
     try:
         load_kconfig()  # a broken Kconfig tree is reported before anything else

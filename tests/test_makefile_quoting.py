@@ -81,7 +81,7 @@ def test_set_values_arrive_intact_or_are_refused(workdir, value):
 
 @pytest.mark.parametrize("value", HOSTILE, ids=IDS)
 def test_run_and_matrix_variables_are_refused_naming_the_value(workdir, value):
-    _refused(make(workdir, "resume", f"RESUME={value}", check=False), f"{value}/config: no such file")
+    _refused(make(workdir, "resume", f"RESUME={value}", check=False), f"{value} is not a run directory")
     _refused(make(workdir, "plots", f"RESULTS={value}", check=False), f"no matrix directory {value}")
     _refused(make(workdir, "test-matrix", f"JOBS={value}", check=False), f"JOBS={value} is not a positive")
     _refused(make(workdir, "data-gpt2", f"DATASET={value}", "DATA_DIR=quoting-data", check=False),

@@ -3,9 +3,12 @@
 A matrix directory holds plan.json (and plan.md), runs/<run id>/ (each run's
 results contract, written by the trainer), logs/<run id>.log (its output) and
 status.json (what the runner saw). A run whose summary.json says `complete`
-is never run again; any other run is started afresh (its old directory is
-kept under attempts/), so a matrix killed half-way and started again
-finishes only what was left.
+is never run again; a run stopped with a checkpoint (`interrupted`, or
+killed while `running` after a periodic checkpoint) continues from it, and
+any other run is started afresh (its old directory is kept under attempts/),
+so a matrix killed half-way and started again finishes only what was left.
+Slurm array tasks (lib/matrix/task.py) start their runs with the same
+`start_command`.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def run_status(run_dir: Path) -> str:
     return "failed" if status == "unreadable" else status  # a damaged summary.json: the run is done again
 
 
-def create_matrix_dir(results: Path, plan: Plan) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = Path(results) / f"matrix-{plan.name}-{stamp}"
+def create_matrix_dir(path: Path, plan: Plan) -> Path:
+    """Create `path` (the directory the plan's runs write below) with plan.json and plan.md."""
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
     plan.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(path / "plan.json", plan.to_json())
@@ -64,21 +67,43 @@ def find_unfinished(results: Path, plan_hash: str) -> Path | None:
         if data.get("plan_hash") != plan_hash:
             continue
         plan = Plan.from_json(data)
-        if any(run_status(_run_dir(path.parent, r.id)) != "complete" for r in plan.runs):
+        if any(run_status(run_dir_of(path.parent, r.id)) != "complete" for r in plan.runs):
             return path.parent
     return None
 
 
-def _run_dir(matrix_dir: Path, run_id: str) -> Path:
-    return matrix_dir / "runs" / run_id
+def run_dir_of(matrix_dir: Path, run_id: str) -> Path:
+    return Path(matrix_dir) / "runs" / run_id
 
 
-def _with_threads(argv: list[str], threads: int) -> list[str]:
+def resumable(run_dir: Path) -> bool:
+    """A run that stopped (or was killed) after writing a checkpoint: it continues from there."""
+    return run_status(run_dir) in ("interrupted", "running") and (run_dir / "checkpoint.json").exists()
+
+
+def run_command(run, run_dir: Path, threads: int) -> list[str]:
+    """The trainer command of a planned run: its flags with `threads`, resumed when it can be."""
+    argv = _with_flag(run.argv, "--threads", str(threads))
+    if resumable(run_dir):
+        argv = _with_flag(argv, "--resume-from", str(run_dir))
+    return [sys.executable, "-m", f"{run.model}.train", *argv]
+
+
+def start_command(matrix_dir: Path, run, threads: int) -> list[str]:
+    """run_command for a run about to start: one with a checkpoint continues from it; any other
+    unfinished run's directory is set aside under attempts/ (kept, never deleted), so it starts afresh."""
+    run_dir = run_dir_of(matrix_dir, run.id)
+    if not resumable(run_dir):
+        set_aside(run_dir, Path(matrix_dir) / "attempts")
+    return run_command(run, run_dir, threads)
+
+
+def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     out = list(argv)
-    if "--threads" in out:
-        out[out.index("--threads") + 1] = str(threads)
+    if flag in out:
+        out[out.index(flag) + 1] = value
     else:
-        out += ["--threads", str(threads)]
+        out += [flag, value]
     return out
 
 
@@ -103,7 +128,7 @@ class Runner:
         """Run every unfinished run; returns {run id: {status, ...}}."""
         todo = []
         for r in self.plan.runs:
-            state = run_status(_run_dir(self.matrix_dir, r.id))
+            state = run_status(run_dir_of(self.matrix_dir, r.id))
             if state == "complete":
                 self.status[r.id] = {"status": "complete", "skipped": True}
             else:
@@ -135,12 +160,10 @@ class Runner:
             env[ENV_GROUP] = self.matrix_dir.name  # trackers group a matrix's runs (TRACK_GROUP overrides)
             if self.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
-            argv = [sys.executable, "-m", f"{run.model}.train", *_with_threads(run.argv, self.threads)]
+            argv = start_command(self.matrix_dir, run, self.threads)
             log_path = self.matrix_dir / "logs" / f"{run.id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             start = time.monotonic()
-            # The trainer never replaces a run directory: an unfinished one is kept, set aside.
-            set_aside(_run_dir(self.matrix_dir, run.id), self.matrix_dir / "attempts")
             with open(log_path, "w", encoding="utf-8") as log:
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
@@ -149,7 +172,7 @@ class Runner:
                 code = proc.wait()
                 with self.lock:
                     self.children.discard(proc)
-            state = run_status(_run_dir(self.matrix_dir, run.id))
+            state = run_status(run_dir_of(self.matrix_dir, run.id))
             record = {"status": state if state not in ("pending", "running") else "failed", "exit_code": code,
                       "seconds": round(time.monotonic() - start, 1), "log": str(log_path.relative_to(self.matrix_dir))}
             if record["status"] != "complete":

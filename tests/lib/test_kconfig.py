@@ -14,6 +14,7 @@ from lib.kconfig import (REPO_ROOT, apply_overrides, choice_values, kconfig_from
                          read_config, settings_errors, settings_from_kconfig, trainer_argv, write_config)
 from lib.matrix.plan import SELECTORS as MATRIX_SELECTORS, SETTINGS as MATRIX_SETTINGS
 from lib.cli import build_parser
+from lib.matrix.slurm_options import SETTINGS as SLURM_SETTINGS
 from lib.settings import OPTIONS, fields, settings_from_namespace, Settings
 
 DEFCONFIGS = sorted((REPO_ROOT / "defconfigs").iterdir())
@@ -44,7 +45,7 @@ def test_kconfig_tree_parses_without_warnings_and_every_option_has_help():
 
 def test_every_kconfig_option_has_a_flag_and_every_flag_a_symbol():
     kconf = load_kconfig()
-    table = {o.symbol for o in OPTIONS} | set(MATRIX_SELECTORS) | set(MATRIX_SETTINGS)
+    table = {o.symbol for o in OPTIONS} | set(MATRIX_SELECTORS) | set(MATRIX_SETTINGS) | set(SLURM_SETTINGS)
     user_set = set(kconf.named_choices)
     user_set |= {s.name for s in kconf.unique_defined_syms if s.choice is None and any(n.prompt for n in s.nodes)}
     assert all(c.name for c in kconf.unique_choices), "every choice must be named to map to a flag"
@@ -55,6 +56,12 @@ def test_every_kconfig_option_has_a_flag_and_every_flag_a_symbol():
 def test_matrix_settings_are_read_by_the_planner():
     source = (REPO_ROOT / "lib" / "matrix" / "plan.py").read_text()
     assert all(f'"{symbol}"' in source for symbol in MATRIX_SETTINGS)
+
+
+def test_executor_and_slurm_settings_are_read():
+    source = (REPO_ROOT / "lib" / "matrix" / "slurm_options.py").read_text()
+    body = source[source.index("def problems"):]  # the table itself does not count as reading
+    assert all(f'"{symbol}"' in body for symbol in SLURM_SETTINGS)
 
 
 def test_every_setting_is_read_by_code():

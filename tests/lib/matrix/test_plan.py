@@ -52,7 +52,8 @@ def test_every_run_differs_from_its_arm_only_in_the_axes():
 
 
 def test_invalid_combinations_are_dropped_with_a_reason():
-    plan = _plan("demo", "MATRIX_OPTIMIZER_ADAMW=y", "MATRIX_OPTIMIZER_ADAMWPRUNE=y", "MATRIX_METHOD_NONE=y")
+    plan = _plan("gpt2-bitter7-vs-magnitude", "MATRIX_OPTIMIZER_ADAMW=y", "MATRIX_OPTIMIZER_ADAMWPRUNE=y",
+                 "MATRIX_METHOD_NONE=y")
     assert [r.id for r in plan.runs] == [
         "gpt2-adamw-none-seed1337", "gpt2-adamw-magnitude-sp0.5-cubic-ramp-seed1337",
         "gpt2-adamwprune-none-seed1337", "gpt2-adamwprune-magnitude-sp0.5-cubic-ramp-seed1337",
@@ -93,6 +94,6 @@ def test_plan_hash_ignores_where_the_runs_go_but_not_what_they_run():
 
 
 def test_dense_arms_are_not_multiplied_by_sparsity_or_schedule():
-    plan = _plan("demo", "MATRIX_METHOD_NONE=y", "MATRIX_SPARSITY_50=y", "MATRIX_SPARSITY_70=y")
+    plan = _plan("gpt2-bitter7-vs-magnitude", "MATRIX_METHOD_NONE=y", "MATRIX_SPARSITY_50=y", "MATRIX_SPARSITY_70=y")
     dense = [r for r in plan.runs if r.axes["method"] == "none"]
     assert len(dense) == 1 and "--target-sparsity" not in dense[0].argv
