@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2.hf import pretrained_gpt, read_hf_dir, write_hf_dir
@@ -102,6 +104,27 @@ def test_a_pretrained_start_from_a_transformers_directory_gives_its_logits(tmp_p
     with torch.no_grad():
         diff = (model(idx)[0] - hf_model(directory)(idx).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_the_original_gpt2_file_layout_reads_the_same(tmp_path):
+    """OpenAI's gpt2 on the hub: names without `transformer.`, causal-mask buffers, lm_head stored as wte."""
+    directory = transformers_dir(tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    bare = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+    bare.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(4)})
+    bare["lm_head.weight"] = bare["wte.weight"].clone()
+    original = tmp_path / "original"
+    original.mkdir()
+    shutil.copy(directory / "config.json", original / "config.json")
+    save_file(bare, original / "model.safetensors")
+    idx = real_tokens()
+    with torch.no_grad():
+        assert torch.equal(pretrained_gpt(str(original), "tiny", 64, 0.0).eval()(idx)[0],
+                           pretrained_gpt(str(directory), "tiny", 64, 0.0).eval()(idx)[0])
+    bare["lm_head.weight"] = bare["wte.weight"] + 1.0  # an untied output layer cannot be read exactly
+    save_file(bare, original / "model.safetensors")
+    with pytest.raises(KpruneError, match="differs from its token embedding"):
+        pretrained_gpt(str(original), "tiny", 64, 0.0)
 
 
 def test_a_size_or_context_mismatch_is_an_error_naming_both(tmp_path):
