@@ -92,6 +92,9 @@ def read_hf_dir(directory: Path, dropout: float = 0.0) -> GPT:
         tensors = load_file(weights_path)
     except (ValueError, SafetensorError) as exc:
         raise KpruneError(f"{directory}: config.json or model.safetensors is unreadable ({exc})") from None
+    shape = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), int) for k in shape):
+        raise KpruneError(f"{config_path} lacks GPT2Config's {', '.join(shape)} (integers): not a GPT-2 config")
     if config.get("model_type", "gpt2") != "gpt2":
         raise KpruneError(f"{config_path} describes a {config['model_type']!r} model, not GPT-2")
     unsupported = [f"{k}={config[k]!r} (kprune computes {v!r})" for k, v in SUPPORTED.items()
@@ -122,11 +125,8 @@ def resolve_pretrained(spec: str) -> Path:
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_like_path:
         raise KpruneError(f"GPT2_PRETRAINED={spec!r} is no directory: {where}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise KpruneError(f"GPT2_PRETRAINED={spec!r} is no local directory and huggingface_hub is not installed "
-                          f"to fetch it as a hub id (make install installs it): {where}") from None
+    from huggingface_hub import snapshot_download  # here: only a hub id pays for importing it
+
     try:  # the cache first: a model fetched once is used offline ever after
         return Path(snapshot_download(spec, allow_patterns=HUB_FILES, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: fetch it below

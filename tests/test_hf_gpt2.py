@@ -134,6 +134,13 @@ def test_a_size_or_context_mismatch_is_an_error_naming_both(tmp_path):
         pretrained_gpt(str(two_layers), "tiny", 64, 0.0)
     with pytest.raises(KpruneError, match=r"GPT2_BLOCK_SIZE=128 is longer than the 64 positions"):
         pretrained_gpt(str(transformers_dir(tmp_path, seed=3)), "tiny", 128, 0.0)
+    variant = json.loads((two_layers / "config.json").read_text()) | {"activation_function": "relu"}
+    (two_layers / "config.json").write_text(json.dumps(variant))
+    with pytest.raises(KpruneError, match=r"a GPT-2 variant kprune does not compute: activation_function='relu'"):
+        pretrained_gpt(str(two_layers), "tiny", 64, 0.0)
+    (two_layers / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 4}))
+    with pytest.raises(KpruneError, match="lacks GPT2Config's n_layer, n_head, n_embd, n_positions, vocab_size"):
+        pretrained_gpt(str(two_layers), "tiny", 64, 0.0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(KpruneError, match="lacks config.json and model.safetensors"):
         pretrained_gpt(str(tmp_path / "empty"), "tiny", 64, 0.0)
