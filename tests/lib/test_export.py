@@ -14,6 +14,7 @@ from lib.errors import KpruneError
 from lib.export import (MASKS_FILE, MODEL_FILE, export_run, final_model_files, read_final_model,
                         write_final_model)
 from lib.pruning.masks import MaskSet, pack_bits
+from resnet.model import ResNet
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=96)
 
@@ -103,3 +104,21 @@ def test_a_run_without_a_final_model_says_how_to_get_one(tmp_path):
     (tmp_path / MODEL_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(KpruneError, match="not a readable safetensors file"):
         read_final_model(tmp_path)
+
+
+def test_a_model_with_buffers_and_no_config_round_trips(tmp_path):
+    """ResNet: BatchNorm running statistics (float) and batch counters (int64) come back as they were."""
+    torch.manual_seed(0)
+    model = ResNet(18, 10, width=8)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))  # moves the running statistics and counters off their initial values
+    model.eval()
+    for name, data in final_model_files(model, "resnet18", 2).items():
+        (tmp_path / name).write_bytes(data)
+    final = read_final_model(tmp_path)
+    assert final.masks == {} and final.metadata["shape"]["config"] is None
+    assert final.tensors["bn1.num_batches_tracked"].dtype == torch.int64
+    again = ResNet(18, 10, width=8).eval()
+    again.load_state_dict(final.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again(x), model(x))
