@@ -27,13 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
+from lib import checkpoint
 from lib.errors import KpruneError
 from lib.results import write_bytes_atomic, write_json_atomic
 
 MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
-# How a run may end with a model worth keeping: a diverged or crashed run's weights are not.
-SOUND_ENDS = ("complete", "interrupted")
 
 
 @dataclass
@@ -82,10 +81,15 @@ def final_model_files(model: nn.Module, model_name: str, step: int, masks=None) 
 def write_final_model(run_dir: Path | None, task, pruner, status: str, step: int) -> dict:
     """Write the run's final model into `run_dir` if the run ended soundly; what summary.json records of it.
 
-    A write that fails (a full disk) is recorded in the summary instead of
-    hiding how the run itself ended.
+    Sound: complete, or interrupted between steps (its checkpoint is of this
+    very step, so the weights are the ones a resume continues from). A
+    diverged or failed run, or one stopped mid-step, has no model worth
+    keeping. A write that fails (a full disk) is recorded in the summary
+    instead of hiding how the run itself ended.
     """
-    if run_dir is None or status not in SOUND_ENDS:
+    if run_dir is None or status not in ("complete", "interrupted"):
+        return {}
+    if status == "interrupted" and checkpoint.verify(run_dir) != step:
         return {}
     try:
         files = final_model_files(task.model, task.name, step, pruner.masks if pruner is not None else None)

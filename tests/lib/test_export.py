@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from gpt2.model import GPT, GPTConfig
+from lib import checkpoint
 from lib.errors import KpruneError
 from lib.export import (MASKS_FILE, MODEL_FILE, export_run, final_model_files, read_final_model,
                         write_final_model)
@@ -79,7 +80,19 @@ def test_only_a_sound_end_writes_the_final_model(tmp_path):
     # A dense run (no pruner) writes the weights alone.
     dense = tmp_path / "dense"
     dense.mkdir()
-    assert write_final_model(dense, task, None, "interrupted", 5) == {"final_model": [MODEL_FILE]}
+    assert write_final_model(dense, task, None, "complete", 5) == {"final_model": [MODEL_FILE]}
+
+
+def test_an_interrupted_run_writes_it_only_when_stopped_between_steps(tmp_path):
+    """Between steps the loop checkpoints that very step; a second signal mid-step leaves no checkpoint of it."""
+    model, masks = pruned_gpt()
+    task, pruner = SimpleNamespace(model=model, name="gpt2-small"), SimpleNamespace(masks=masks)
+    assert write_final_model(tmp_path, task, pruner, "interrupted", 5) == {}  # no checkpoint at all
+    checkpoint.save(tmp_path, {"step": 4, "model_name": "gpt2-small"})
+    assert write_final_model(tmp_path, task, pruner, "interrupted", 5) == {}  # the checkpoint is of step 4
+    assert not (tmp_path / MODEL_FILE).exists()
+    checkpoint.save(tmp_path, {"step": 5, "model_name": "gpt2-small"})
+    assert write_final_model(tmp_path, task, pruner, "interrupted", 5) == {"final_model": [MASKS_FILE, MODEL_FILE]}
 
 
 def test_export_copies_weights_masks_config_and_writes_the_shape(tmp_path):
