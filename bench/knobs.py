@@ -24,3 +24,13 @@ def knob(name: str, default: int | float, minimum: int | float, maximum: int | f
         bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise KnobError(f"{name}={raw} is out of range: it must be {bounds} (default {default})")
     return value
+
+
+def choice_knob(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable `name`, one of `choices`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise KnobError(f"{name}={raw!r} is not one of: {', '.join(choices)}; unset it for the default ({default})")
+    return raw

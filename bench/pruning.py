@@ -25,8 +25,13 @@ populated, state/bitter7 pruned to 50%. Prints one JSON object:
                              gradients are still live (Pruner.update outside
                              after_step): it allocates its own float32 score buffer
 
-BENCH_SCALE=0.25 shrinks every dimension for a quick run. Nothing here is a
-pass/fail test: the numbers are compared as ratios within one run.
+BENCH_SCALE=0.25 shrinks every dimension for a quick run. BENCH_STRUCTURE=nm
+(2:4), block (4x4 tiles) or channel (every head and MLP neuron a unit, the
+output layer left out) measures the same update and masking with that
+sparsity structure (default: unstructured); `structure`, `prunable_params`
+and the update's `target_groups`/`pruned_groups` say what was pruned.
+Nothing here is a pass/fail test: the numbers are compared as ratios within
+one run.
 """
 
 from __future__ import annotations
@@ -37,12 +42,16 @@ import time
 import torch
 from torch import nn
 
-from bench.knobs import knob
+from bench.knobs import KnobError, choice_knob, knob
 from bench.output import emit
+from lib.errors import KpruneError
 from lib.optim import OPTIMIZERS
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner, target_count
+from lib.pruning.registry import STRUCTURES
 from lib.pruning.schedules import Schedule
+from lib.pruning.build import build_structure
+from lib.pruning.units import UnitFamily, Units, attention_heads, consecutive
 from lib.settings import Settings
 
 REPEATS = 3
@@ -52,6 +61,19 @@ def layer_shapes(scale: float) -> list[tuple[int, int]]:
     d, vocab = int(768 * scale), int(50257 * scale)
     block = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # (out, in) like nn.Linear.weight
     return block * 12 + [(vocab, d)]
+
+
+def channel_units(params: list[nn.Parameter], width: int) -> Units:
+    """GPT-2's heads and MLP neurons over the benchmark's layers (12 heads where the width allows)."""
+    n_head = 12 if width % 12 == 0 else 1
+    families = []
+    for b in range(12):
+        qkv, proj, fc, out = params[4 * b:4 * b + 4]
+        families.append(UnitFamily(f"{b}.heads", (attention_heads(f"{b}.qkv", qkv, n_head, width),
+                                                  consecutive(f"{b}.proj", proj, 1, n_head, width // n_head))))
+        families.append(UnitFamily(f"{b}.neurons", (consecutive(f"{b}.fc", fc, 0, 4 * width),
+                                                    consecutive(f"{b}.out", out, 1, 4 * width))))
+    return Units(families, left_out={"w48": "the output layer's rows are the logits"})
 
 
 def _status_bytes(field: str) -> int:
@@ -87,6 +109,7 @@ def _best(fn, repeats: int = REPEATS) -> float:
 def main() -> int:
     scale = knob("BENCH_SCALE", 1.0, minimum=0.02)  # below 0.02 the widths round to zero
     threads = knob("BENCH_THREADS", 2, minimum=1)
+    kind = choice_knob("BENCH_STRUCTURE", "unstructured", STRUCTURES)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(shape) * 0.02) for shape in layer_shapes(scale)]
@@ -103,8 +126,13 @@ def main() -> int:
     optimizer.step()
 
     schedule = Schedule("one-shot", start=1, end=1, final=0.5)
-    pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], schedule, build_method("state", "bitter7"),
-                    optimizer)
+    structure = build_structure(kind, nm_n=2, nm_m=4, block_rows=4, block_cols=4,
+                                units=channel_units(params, int(768 * scale)) if kind == "channel" else None)
+    try:
+        pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], schedule, build_method("state", "bitter7"),
+                        optimizer, structure=structure)
+    except KpruneError as exc:
+        raise KnobError(f"BENCH_STRUCTURE={kind} at BENCH_SCALE={scale:g}: {exc}") from None
 
     gradients = [p.grad.clone() for p in params]
 
@@ -121,7 +149,7 @@ def main() -> int:
         spent gradients (which it then frees); with after_step=False it is
         called with the gradients still live and allocates a score buffer.
         """
-        pruner.masks.clear()
+        pruner.clear()
         backward()
         rss_before = _status_bytes("VmRSS")
         measured_peak = _reset_high_water()
@@ -145,7 +173,9 @@ def main() -> int:
     peaks = [b for _, b in updates if b is not None]
     peak_extra = max(peaks) if peaks else None
     _, own_buffer_peak = fresh_update(after_step=False)  # the same measurement, with a score buffer
-    exact = pruner.masks.count() == target_count(0.5, n) == pruner.pruned_count
+    last = pruner.updates[-1]
+    exact = (pruner.masks.count() == last.pruned_count == last.target_count == pruner.pruned_count
+             and last.pruned_groups == last.target_groups == target_count(0.5, sum(structure.layer_sizes())))
 
     def per_weight(peak: int | None) -> float | None:
         return None if peak is None else round(peak / n, 3)
@@ -153,6 +183,10 @@ def main() -> int:
     result = {
         "benchmark": "pruning",
         "params": n,
+        "structure": kind,
+        "prunable_params": pruner.numel,
+        "target_groups": last.target_groups,
+        "pruned_groups": last.pruned_groups,
         "scale": scale,
         "mask_update_s": round(min(times), 4),
         "pruned_count_exact": bool(exact),

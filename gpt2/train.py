@@ -18,6 +18,7 @@ from lib import distributed
 from lib.cli import trainer_main
 from lib.data.corpora import prepared_token_files
 from lib.data.tokens import TokenBatches, prepare_tokens
+from lib.pruning.units import UnitFamily, Units, attention_heads, consecutive
 from lib.settings import Settings
 from lib.train_loop import Task
 
@@ -35,6 +36,33 @@ def prunable_parameters(model: GPT, prune_embeddings: bool) -> list[tuple[str, t
     if prune_embeddings:
         pool += [("wte.weight", model.wte.weight), ("wpe.weight", model.wpe.weight)]
     return pool
+
+
+def channel_units(model: GPT) -> Units:
+    """Every attention head and MLP hidden neuron, one family per block and kind, in depth order.
+
+    A head is its q, k and v rows of c_attn with their biases and its input
+    columns of attn.c_proj; a neuron is its c_fc row and bias and its input
+    column of mlp.c_proj. The embeddings are never units: the token
+    embedding's rows are also the logits (tied), and the position
+    embedding's columns are the residual stream, which every block adds to.
+    """
+    width, n_head = model.cfg.n_embd, model.cfg.n_head
+    families = []
+    for i, block in enumerate(model.blocks):
+        attn, mlp, prefix = block.attn, block.mlp, f"blocks.{i}"
+        families.append(UnitFamily(f"{prefix}.attn.heads", (
+            attention_heads(f"{prefix}.attn.c_attn.weight", attn.c_attn.weight, n_head, width),
+            attention_heads(f"{prefix}.attn.c_attn.bias", attn.c_attn.bias, n_head, width),
+            consecutive(f"{prefix}.attn.c_proj.weight", attn.c_proj.weight, 1, n_head, width // n_head))))
+        hidden = mlp.c_fc.out_features
+        families.append(UnitFamily(f"{prefix}.mlp.neurons", (
+            consecutive(f"{prefix}.mlp.c_fc.weight", mlp.c_fc.weight, 0, hidden),
+            consecutive(f"{prefix}.mlp.c_fc.bias", mlp.c_fc.bias, 0, hidden),
+            consecutive(f"{prefix}.mlp.c_proj.weight", mlp.c_proj.weight, 1, hidden))))
+    return Units(families, left_out={
+        "wte.weight": "the token embedding is tied to the output layer: its rows are the logits",
+        "wpe.weight": "the position embedding's columns are the residual stream, which no unit owns"})
 
 
 def layer_group(name: str) -> str:
@@ -83,7 +111,7 @@ def build_task(s: Settings, device: torch.device) -> Task:
 
     return Task(name=f"gpt2-{s.gpt2_size}", model=model, data_state=lambda: {"generator": train_gen.get_state()},
                 load_data_state=lambda state: train_gen.set_state(state["generator"]), prunable=prunable_parameters(model, s.prune_embeddings),
-                group_of=layer_group, next_batch=next_batch, loss=loss, evaluate=evaluate,
+                group_of=layer_group, units=channel_units(model), next_batch=next_batch, loss=loss, evaluate=evaluate,
                 items_per_step=s.batch_size * s.block_size, item_unit="tokens", quality_key="val_ppl",
                 extra_summary={"dataset": s.gpt2_dataset, "train_tokens": len(train), "val_tokens": len(val)})
 

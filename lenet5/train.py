@@ -16,6 +16,7 @@ from lib.classification import cross_entropy, evaluate
 from lib.cli import trainer_main
 from lib.data.epochs import EpochSampler
 from lib.data.idx import load_mnist
+from lib.pruning.units import UnitFamily, Units, consecutive
 from lib.settings import Settings
 from lib.train_loop import Task
 
@@ -32,6 +33,27 @@ def build_model(s: Settings) -> LeNet5:
     return LeNet5()
 
 
+def channel_units(model: LeNet5) -> Units:
+    """Each conv filter and hidden neuron with its bias and the next layer's matching inputs.
+
+    conv2's filters feed fc1 through the flatten: filter j owns fc1's input
+    columns j*25 ... j*25+24 (its 5x5 map, channel-major). fc3's outputs are
+    the logits, never units.
+    """
+    m = model
+    spatial = m.fc1.in_features // m.conv2.out_channels
+    families = []
+    for name, layer, bias, after, per in (("conv1", m.conv1, "conv1.bias", "conv2", 1),
+                                          ("conv2", m.conv2, "conv2.bias", "fc1", spatial),
+                                          ("fc1", m.fc1, "fc1.bias", "fc2", 1), ("fc2", m.fc2, "fc2.bias", "fc3", 1)):
+        count = layer.weight.shape[0]
+        families.append(UnitFamily(name, (
+            consecutive(f"{name}.weight", layer.weight, 0, count),
+            consecutive(bias, layer.bias, 0, count),
+            consecutive(f"{after}.weight", getattr(m, after).weight, 1, count, per))))
+    return Units(families)
+
+
 def build_task(s: Settings, device: torch.device) -> Task:
     mnist = Path(s.data_dir) / "mnist"
     train_x, train_y = _to_tensors(*load_mnist(mnist, "train"), device)
@@ -45,6 +67,7 @@ def build_task(s: Settings, device: torch.device) -> Task:
 
     prunable = [(n, p) for n, p in model.named_parameters() if n.endswith(".weight")]
     return Task(name="lenet5", model=model, prunable=prunable, group_of=lambda n: n.split(".")[0],
+                units=channel_units(model),
                 next_batch=next_batch, loss=cross_entropy,
                 evaluate=lambda m: evaluate(m, test_x, test_y, EVAL_BATCH, device),
                 data_state=sampler.state_dict, load_data_state=sampler.load_state_dict, items_per_step=s.batch_size,

@@ -99,6 +99,13 @@ class Settings:
     schedule_end: int = _opt("SCHEDULE_END")
     initial_sparsity: float = _opt("INITIAL_SPARSITY", low=0.0, high=1.0, high_open=True)
     schedule_frequency: int = _opt("SCHEDULE_FREQUENCY")
+    # Sparsity structure
+    sparsity_structure: str = _opt("SPARSITY_STRUCTURE")
+    nm_n: int = _opt("NM_N")
+    nm_m: int = _opt("NM_M")
+    block_rows: int = _opt("BLOCK_ROWS")
+    block_cols: int = _opt("BLOCK_COLS")
+    sparsity_scope: str = _opt("SPARSITY_SCOPE")
     # GPT-2
     gpt2_size: str = _opt("GPT2_SIZE", models=("gpt2",))
     gpt2_dataset: str = _opt("GPT2_DATASET", models=("gpt2",))
@@ -251,6 +258,8 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
     from lib.tracking import tracker_problems
     problems += tracker_problems(s)
     if s.pruning_method not in (None, "none"):
+        from lib.pruning.structure import structure_problems
+        problems += structure_problems(s)
         try:
             sched = schedule_from_settings(s)
         except ScheduleError as exc:

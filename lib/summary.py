@@ -11,7 +11,7 @@ from torch import nn
 
 from lib import optim
 from lib.memory import memory_by_kind
-from lib.pruning.pruner import Pruner, target_count
+from lib.pruning.pruner import Pruner
 from lib.settings import Settings
 
 
@@ -34,6 +34,7 @@ def base_summary(s: Settings, task, optimizer, pruner: Pruner | None, device: to
             "frequency": pruner.schedule.frequency},
         "target_sparsity": s.target_sparsity if pruner is not None else 0.0,
         "prunable_params": pruner.numel if pruner is not None else sum(p.numel() for _, p in task.prunable),
+        **(pruner.structure_summary() if pruner is not None else {}),
         "params": count_params(task.model),
         "seed": s.seed,
         "device": str(device),
@@ -85,10 +86,10 @@ def missed_target(pruner: Pruner | None) -> str | None:
     """
     if pruner is None:
         return None
-    want = target_count(pruner.schedule.final, pruner.numel)
-    have = pruner.masks.count()
+    want = pruner.target_groups(pruner.schedule.final)  # in the structure's groups: weights, tiles or units
+    have = pruner.structure.pruned_groups()
     if have == want:
         return None
-    return (f"the run ended with {have} of {pruner.numel} weights pruned, but its schedule's final target is "
+    return (f"the run ended with {have} {pruner.structure.group}s pruned, but its schedule's final target is "
             f"{want} (sparsity {pruner.schedule.final:g}); no mask update reached it: check the schedule "
             "(make schedule) so that its last update falls inside the run")

@@ -35,6 +35,7 @@ from lib.pruning.methods import Observation
 from lib.pruning.pruner import Pruner
 from lib.results import MetricsLog, write_json_atomic
 from lib.run_dir import open_run_dir, resume_hint
+from lib.pruning.units import Units
 from lib.settings import Settings
 from lib.stop import Diverged, Interrupted, StopRequest
 from lib.summary import base_summary, count_params, final_summary, missed_target
@@ -59,6 +60,8 @@ class Task:
     # The data position, for checkpoints: where next_batch would continue from.
     data_state: Callable[[], dict] = dict
     load_data_state: Callable[[dict], None] = lambda state: None
+    # The model's channel units (neurons, heads, filters) for SPARSITY_STRUCTURE=channel; None: it has none.
+    units: Units | None = None
 
 
 @dataclass
@@ -106,7 +109,8 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
     optimizer = optim.build_optimizer(task.model, settings)
     pruner, adaptive = None, None
     if settings.pruning_method != "none":
-        pruner, adaptive = build_pruner(settings, task.prunable, optimizer, count_params(task.model))
+        pruner, adaptive = build_pruner(settings, task.prunable, optimizer, count_params(task.model),
+                                        units=task.units)
     multiplier = budget_multiplier(settings)
     iterations = int(round(settings.max_iters * multiplier))
     progress = Progress(items_per_step=task.items_per_step * settings.grad_accum_steps)
@@ -272,8 +276,7 @@ def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tup
                    "step_time_s": window_time / window_steps, f"{task.item_unit}_per_s": throughput}
             if update is not None:
                 row["mask_update"] = True
-                row["pruned_count"] = update.pruned_count
-                row["target_count"] = update.target_count
+                row.update(update.metrics())
             loop.log(row)
             if not interactive and talk:
                 print(f"step {step}/{iterations} loss {row['loss']:.4f} lr {lr:.2e} "

@@ -17,6 +17,7 @@ from lib.classification import cross_entropy, evaluate
 from lib.cli import trainer_main
 from lib.data.epochs import EpochSampler
 from lib.data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar, num_classes
+from lib.pruning.units import UnitFamily, Units, consecutive
 from lib.settings import Settings
 from lib.train_loop import Task
 from resnet.model import ResNet
@@ -50,6 +51,37 @@ def _normalised(images, dataset: str) -> torch.Tensor:
     return torch.from_numpy(images).float().div_(255.0).sub_(mean).div_(std)
 
 
+TIED = "its output channels are tied by a residual add (left out: pruning one side alone would not remove the channel)"
+
+
+def channel_units(model: ResNet) -> Units:
+    """The filters whose output channels no residual add ties, with their BatchNorm channel.
+
+    In a basic block that is conv1's filters (with bn1's scale and shift and
+    conv2's matching input channels); in a bottleneck conv1's and conv2's.
+    The stem, every block's last convolution and the shortcut convolutions
+    write into the residual stream, whose channels are shared by every block
+    of a stage: they are left out of the pool (recorded as such), and so is
+    the classifier, whose rows are the logits.
+    """
+    families, left_out = [], {"conv1.weight": TIED, "fc.weight": "its rows are the logits and its inputs are "
+                                                                 "residual-stream channels"}
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for j, block in enumerate(getattr(model, stage)):
+            prefix = f"{stage}.{j}"
+            convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
+            for conv, after in zip(convs, convs[1:]):  # every conv but the last, which feeds the residual add
+                layer, bn, n = getattr(block, conv), getattr(block, "bn" + conv[-1]), getattr(block, conv).out_channels
+                families.append(UnitFamily(f"{prefix}.{conv}", (
+                    consecutive(f"{prefix}.{conv}.weight", layer.weight, 0, n),
+                    consecutive(f"{prefix}.bn{conv[-1]}.weight", bn.weight, 0, n),
+                    consecutive(f"{prefix}.bn{conv[-1]}.bias", bn.bias, 0, n),
+                    consecutive(f"{prefix}.{after}.weight", getattr(block, after).weight, 1, n))))
+            if isinstance(block.shortcut, torch.nn.Sequential):
+                left_out[f"{prefix}.shortcut.0.weight"] = TIED
+    return Units(families, left_out)
+
+
 def build_task(s: Settings, device: torch.device) -> Task:
     data_dir = Path(s.data_dir)
     train_x, train_y = load_cifar(data_dir, s.resnet_dataset, "train")
@@ -74,7 +106,8 @@ def build_task(s: Settings, device: torch.device) -> Task:
     # Convolution kernels and the classifier: BatchNorm scales and biases are not pruned.
     prunable = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
     return Task(name=f"resnet{s.resnet_depth}-{s.resnet_dataset}", model=model, prunable=prunable,
-                group_of=lambda n: n.split(".")[0], next_batch=next_batch, loss=cross_entropy,
+                group_of=lambda n: n.split(".")[0], units=channel_units(model), next_batch=next_batch,
+                loss=cross_entropy,
                 evaluate=lambda m: evaluate(m, test_x, test_y, EVAL_BATCH, device),
                 data_state=sampler.state_dict, load_data_state=sampler.load_state_dict,
                 items_per_step=s.batch_size, item_unit="samples", quality_key="val_accuracy",

@@ -67,6 +67,18 @@ def test_bench_pruning_prints_every_key_and_prunes_exactly(project):
     assert target_count(0.5, out["params"]) == round(0.5 * out["params"])
 
 
+@pytest.mark.parametrize("structure", ["nm", "channel"])
+def test_bench_pruning_measures_a_sparsity_structure(project, structure):
+    out = bench(project, "bench-pruning", BENCH_SCALE="0.05", BENCH_STRUCTURE=structure)
+    assert out["structure"] == structure and out["pruned_count_exact"] is True
+    d = int(768 * 0.05)
+    if structure == "nm":  # only the 4d-wide inputs (mlp c_proj) are multiples of 4 at this width
+        assert out["prunable_params"] == 12 * 4 * d * d and out["pruned_groups"] == out["prunable_params"] // 2
+    else:  # one head per block at this width, 4d neurons; the output layer is left out
+        assert out["prunable_params"] == 12 * (3 * d * d + d * d + 4 * d * d + 4 * d * d)
+        assert out["target_groups"] == target_count(0.5, 12 * (1 + 4 * d))
+
+
 def test_bench_train_prints_every_key(project):
     out = bench(project, "bench-train", BENCH_STEPS="21", BENCH_ROUNDS="1")
     assert TRAIN_KEYS <= out.keys()

@@ -41,5 +41,14 @@ def test_defconfig_trains_a_few_steps(path: Path, tmp_path: Path, capsys, data_d
     assert summary["status"] == "complete"
     assert summary["iterations"] == round(settings.max_iters * summary["budget_multiplier"])
     if settings.pruning_method != "none":
-        assert summary["final_pruned_count"] == target_count(settings.target_sparsity, summary["prunable_params"])
         assert summary["target_count_exact"] is True
+        last, structure = summary["mask_updates"][-1], summary["sparsity_structure"]
+        assert last["pruned_groups"] == last["target_groups"]
+        assert summary["final_pruned_count"] == summary["mask_pruned_count"] == last["pruned_count"]
+        if structure["scope"] == "layer" and structure["kind"] == "channel":  # each family to the same fraction
+            assert last["target_groups"] == sum(target_count(settings.target_sparsity, n)
+                                                for n in structure["units"].values())
+        elif structure["kind"] in ("unstructured", "nm"):  # groups are weights
+            assert summary["final_pruned_count"] == target_count(settings.target_sparsity, summary["prunable_params"])
+        else:
+            assert last["target_groups"] == target_count(settings.target_sparsity, structure["groups"])

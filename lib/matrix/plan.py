@@ -22,9 +22,12 @@ import kconfiglib
 from lib.errors import ConfigError
 from lib.kconfig import (apply_overrides, load_kconfig, read_config, selected_model,
                          settings_from_kconfig, trainer_argv)
-from lib.pruning.registry import MATRIX_METHODS, VARIANT_NAMES
+from lib.pruning.registry import IMPLIED_SCOPE, MATRIX_METHODS, SCOPES, STRUCTURES, VARIANT_NAMES
 
-AXES = ("model", "optimizer", "method", "target_sparsity", "schedule", "seed")
+AXES = ("model", "optimizer", "method", "target_sparsity", "schedule", "sparsity_structure", "sparsity_scope", "seed")
+# Axes a run may leave to its configuration when nothing is selected (bitter4 means its own scope): the
+# value recorded is the one the run really uses.
+FOLLOWS_CONFIG = ("sparsity_structure", "sparsity_scope")
 
 # Each bool of the matrix menu selects one value of one axis.
 SELECTORS: dict[str, tuple[str, object]] = {
@@ -38,6 +41,8 @@ SELECTORS: dict[str, tuple[str, object]] = {
     "MATRIX_SPARSITY_90": ("target_sparsity", 0.9),
     **{f"MATRIX_SCHEDULE_{s.upper().replace('-', '_')}": ("schedule", s)
        for s in ("one-shot", "linear", "zhu-gupta", "cubic-ramp", "milestones", "steps")},
+    **{f"MATRIX_STRUCTURE_{v.upper()}": ("sparsity_structure", v) for v in STRUCTURES},
+    **{f"MATRIX_SCOPE_{v.upper().replace('-', '_')}": ("sparsity_scope", v) for v in SCOPES},
 }
 # The other matrix symbols, read by `build_plan` directly.
 SETTINGS = ("MATRIX_NAME", "MATRIX_SEEDS", "MATRIX_BASELINE", "MATRIX_SPARSITY_LIST")
@@ -99,6 +104,9 @@ def _axis_values(kconf: kconfiglib.Kconfig) -> dict[str, list]:
     for axis, value in defaults.items():
         if not chosen[axis]:
             chosen[axis] = [value]
+    for axis in FOLLOWS_CONFIG:
+        if not chosen[axis]:
+            chosen[axis] = [None]  # as each run's configuration gives it
     seeds = int(kconf.syms["MATRIX_SEEDS"].str_value)
     chosen["seed"] = [base.seed + i for i in range(seeds)]
     return chosen
@@ -113,6 +121,7 @@ def _overrides(combo: dict) -> list[str]:
         out.append(f"PRUNING_METHOD={method}")
     if method != "none":
         out += [f"TARGET_SPARSITY={combo['target_sparsity']!r}", f"SCHEDULE={combo['schedule']}"]
+        out += [f"{axis.upper()}={combo[axis]}" for axis in FOLLOWS_CONFIG if combo[axis] is not None]
     out.append(f"SEED={combo['seed']}")
     return out
 
@@ -121,6 +130,11 @@ def arm_id(combo: dict) -> str:
     parts = [combo["model"], combo["optimizer"], combo["method"]]
     if combo["method"] != "none":
         parts += [f"sp{combo['target_sparsity']:g}", combo["schedule"]]
+        # Structure and scope name the arm only where they differ from what the method means by itself.
+        if combo.get("sparsity_structure") not in (None, "unstructured"):
+            parts.append(combo["sparsity_structure"])
+        if combo.get("sparsity_scope") not in (None, IMPLIED_SCOPE.get(combo["method"], "global")):
+            parts.append(combo["sparsity_scope"])
     return "-".join(parts)
 
 
@@ -156,8 +170,10 @@ def build_plan(kconf: kconfiglib.Kconfig, runs_dir: Path) -> Plan:
     try:
         for values in itertools.product(*(axes[a] for a in AXES)):
             combo = dict(zip(AXES, values))
-            if combo["method"] == "none":  # dense runs have no sparsity or schedule: one arm, not many
-                combo.update(target_sparsity=0.0, schedule="none")
+            if combo["method"] == "none":  # dense runs have no sparsity, schedule or structure: one arm, not many
+                combo.update(target_sparsity=0.0, schedule="none", sparsity_structure="none", sparsity_scope="none")
+            elif any(combo[axis] is None for axis in FOLLOWS_CONFIG):
+                _fill_from_config(combo, Path(base_path), run_kconf)
             arm = arm_id(combo)
             run_id = f"{arm}-seed{combo['seed']}"
             if run_id in seen_arms:
@@ -184,6 +200,23 @@ def build_plan(kconf: kconfiglib.Kconfig, runs_dir: Path) -> Plan:
     return plan
 
 
+def _fill_from_config(combo: dict, base_path: Path, kconf: kconfiglib.Kconfig) -> None:
+    """Record, for the axes left to the configuration, the value this combination's run would use."""
+    follow = [axis for axis in FOLLOWS_CONFIG if combo[axis] is None]
+    kconf, seen = read_config(base_path, kconf)
+    try:
+        apply_overrides(kconf, seen, _overrides(combo))
+    except ConfigError:
+        pass  # the values are set all the same; the real overrides report the error and drop the combination
+    try:
+        settings = settings_from_kconfig(kconf)
+    except ValueError:
+        settings = None
+    fallback = {"sparsity_structure": "unstructured", "sparsity_scope": IMPLIED_SCOPE.get(combo["method"], "global")}
+    for axis in follow:
+        combo[axis] = getattr(settings, axis, None) or fallback[axis]
+
+
 def plan_hash(plan: Plan) -> str:
     """Identifies what a plan runs, independent of where: same hash, same runs."""
     what = {"base": plan.base_config, "runs": [(r.id, r.axes) for r in plan.runs]}
@@ -193,17 +226,19 @@ def plan_hash(plan: Plan) -> str:
 def plan_table(plan: Plan) -> str:
     """A readable table of the plan, for plan.md and the terminal."""
     lines = [f"# Test matrix `{plan.name}` ({len(plan.runs)} runs, {len(plan.dropped)} combinations dropped)", "",
-             "| run | model | optimizer | method | sparsity | schedule | seed |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | model | optimizer | method | sparsity | schedule | structure | scope | seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in plan.runs:
         a = r.axes
         lines.append(f"| {r.id} | {a['model']} | {a['optimizer']} | {a['method']} | {a['target_sparsity']:g} | "
-                     f"{a['schedule']} | {a['seed']} |")
+                     f"{a['schedule']} | {a.get('sparsity_structure', '—')} | {a.get('sparsity_scope', '—')} | "
+                     f"{a['seed']} |")
     if plan.dropped:
         lines += ["", "## Dropped combinations", ""]
         for d in plan.dropped:
             a = d["axes"]
             lines.append(f"- {a['model']} / {a['optimizer']} / {a['method']} / {a['target_sparsity']:g} / "
-                         f"{a['schedule']}: {d['reason']}")
+                         f"{a['schedule']} / {a.get('sparsity_structure', '—')} / {a.get('sparsity_scope', '—')}: "
+                         f"{d['reason']}")
     lines += ["", f"Baseline arm: {plan.baseline or '(none: MATRIX_BASELINE matches no arm)'}"]
     return "\n".join(lines) + "\n"

@@ -7,13 +7,33 @@ import sys
 import torch
 from torch import nn
 
+from lib.errors import KpruneError
 from lib.pruning.adaptive import adaptive_choice
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import CURVES, schedule_from_settings
-from lib.pruning.registry import BUDGET_MULTIPLIERS, LAYER_ADAPTIVE_VARIANTS
+from lib.pruning.registry import BUDGET_MULTIPLIERS, IMPLIED_SCOPE, STRUCTURES
+from lib.pruning.channel import Channel
+from lib.pruning.structure import NM, Block, Structure
+from lib.pruning.units import Units
 from lib.settings import Settings
 
+
+
+def build_structure(kind: str | None, *, nm_n: int | None = None, nm_m: int | None = None,
+                    block_rows: int | None = None, block_cols: int | None = None,
+                    units: Units | None = None) -> Structure:
+    """The structure a configuration names."""
+    kind = kind or "unstructured"
+    if kind == "unstructured":
+        return Structure()
+    if kind == "nm":
+        return NM(nm_n, nm_m)
+    if kind == "block":
+        return Block(block_rows, block_cols)
+    if kind == "channel":
+        return Channel(units)
+    raise ValueError(f"unknown sparsity structure '{kind}' (one of: {', '.join(STRUCTURES)})")
 
 def budget_multiplier(s: Settings) -> float:
     """Extra iterations the variant was published with, when VARIANT_BUDGET grants them."""
@@ -39,9 +59,26 @@ def _progress_curve(schedule):
     return lambda p: (value(p) - first) / (last - first)
 
 
+def structure_from_settings(s: Settings, units: Units | None = None) -> Structure:
+    """The sparsity structure `s` names; channel structure needs the model's units."""
+    try:
+        return build_structure(s.sparsity_structure, nm_n=s.nm_n, nm_m=s.nm_m, block_rows=s.block_rows,
+                               block_cols=s.block_cols, units=units)
+    except ValueError as exc:
+        raise KpruneError(f"SPARSITY_STRUCTURE={s.sparsity_structure}: {exc}") from None
+
+
+def scope_from_settings(s: Settings) -> str:
+    """SPARSITY_SCOPE, or the scope the variant means (bitter4: layer-adaptive) when none is set."""
+    return s.sparsity_scope or IMPLIED_SCOPE.get(s.variant) or "global"
+
+
 def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-                 model_params: int) -> tuple[Pruner, dict | None]:
-    """The pruner `s` describes, and (with ADAPTIVE_PRUNING) what was derived from the model's size."""
+                 model_params: int, units: Units | None = None) -> tuple[Pruner, dict | None]:
+    """The pruner `s` describes, and (with ADAPTIVE_PRUNING) what was derived from the model's size.
+
+    `units` are the model's channel units (Task.units), read by the channel structure.
+    """
     schedule = schedule_from_settings(s)
     spt_epsilon, adaptive = s.spt_epsilon, None
     if s.adaptive_pruning:
@@ -57,6 +94,13 @@ def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], opti
     # Every value as configured, zeros included (SPT_ALPHA=0, BETA1=0): the settings' ranges refuse what is invalid.
     method = build_method(s.pruning_method, s.variant, spt_epsilon=spt_epsilon, spt_alpha=s.spt_alpha,
                           seed=s.seed, last_step=schedule.last_update)
-    pruner = Pruner(named_params, schedule, method, optimizer, beta1=s.beta1,
-                    layer_adaptive=s.variant in LAYER_ADAPTIVE_VARIANTS)
+    scope = scope_from_settings(s)
+    implied = IMPLIED_SCOPE.get(s.variant)
+    if implied is not None and scope != implied:  # the Kconfig check refuses this; a direct caller too
+        raise KpruneError(f"SPARSITY_SCOPE={scope} conflicts with {s.variant}, which means {implied} scope")
+    try:
+        pruner = Pruner(named_params, schedule, method, optimizer, beta1=s.beta1,
+                        structure=structure_from_settings(s, units), scope=scope)
+    except ValueError as exc:
+        raise KpruneError(str(exc)) from None
     return pruner, adaptive

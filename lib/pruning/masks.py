@@ -17,6 +17,12 @@ bits, not the zeros, decide what is pruned.)
 
 At a mask update the newly pruned weights and every optimizer state of the
 same shape (moments, AMSGrad maximum, momentum buffers) are zeroed once.
+
+A structure may attach parameters outside the pool whose entries go with
+pruned groups (a pruned neuron's bias, a pruned filter's BatchNorm scale and
+shift). They are not counted as weights and are small, so each keeps a
+plain bool "kept" mask and is masked by it, not by `w == 0`: a bias that is
+legitimately 0 (GPT-2 starts its biases at 0) must still train.
 """
 
 from __future__ import annotations
@@ -104,6 +110,10 @@ class MaskSet:
                                          for p in self.params]
         self.numel = sum(p.numel() for p in self.params)
         self.pruned_count = 0
+        # (parameter outside the pool, bool "kept" mask of its shape), set by a structure
+        self.attached: list[tuple[nn.Parameter, torch.Tensor]] = []
+        # A structure's own record of its pruned groups (one flag per tile or unit), counted as mask memory.
+        self.group_state: list[torch.Tensor] = []
 
     # ------------------------------------------------------------ reading
 
@@ -132,7 +142,8 @@ class MaskSet:
         out = []
         for b in self.bits:
             _, _, popcount = _tables(b.device)
-            out.append(int(popcount.index_select(0, b.int()).sum()))
+            # in chunks: the int64 popcounts of every byte would be a weight-sized temporary
+            out.append(sum(int(popcount.index_select(0, part.int()).sum()) for part in b.split(CHUNK)))
         return out
 
     @torch.no_grad()
@@ -141,7 +152,8 @@ class MaskSet:
         return [int((p == 0).sum()) for p in self.params]
 
     def state_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.bits)
+        tensors = [*self.bits, *(kept for _, kept in self.attached), *self.group_state]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------ writing
 
@@ -163,6 +175,9 @@ class MaskSet:
                 scratch = torch.empty(CHUNK, dtype=torch.bool, device=g.device)
             for start, n in chunks(w.numel()):
                 g[start:start + n].mul_(torch.ne(w[start:start + n], 0, out=scratch[:n]))
+        for p, kept in self.attached:
+            if p.grad is not None:
+                p.grad.mul_(kept)
 
     @torch.no_grad()
     def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -179,3 +194,10 @@ class MaskSet:
                 kept = self.pruned_chunk(i, start, n).logical_not_()
                 for t in flats:
                     t[start:start + n].mul_(kept)
+        for p, kept in self.attached:
+            targets = [p.detach()]
+            if optimizer is not None:
+                targets += [v for k, v in optimizer.state.get(p, {}).items()
+                            if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
+            for t in targets:
+                t.mul_(kept)

@@ -4,8 +4,11 @@ The training loop calls `observe()` after each backward pass (methods that
 watch training record what they need), `after_backward()` (zero the gradients
 of pruned weights) and `after_step(step)` after each optimizer step (update
 the masks when the schedule says so; the scores of an update are written into
-the spent gradients, which are set to None, so it needs no score-sized buffer). Only the method's score differs between
-methods, so at every update every method prunes the same number of weights.
+the spent gradients, which are set to None, so it needs no score-sized
+buffer). Only the method's score differs between methods, so at every
+update every method prunes the same number of weights. What is pruned
+together (lib/pruning/structure.py) and among which groups the lowest are
+taken (the scope: global, layer, layer-adaptive, row) are shared settings too.
 """
 
 from __future__ import annotations
@@ -23,95 +26,92 @@ from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn
 from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
+# target_count and layer_adaptive_counts are imported from here by their users
+from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
+                               select_groups, target_count)
+from lib.pruning.structure import Structure
 
-
-
-def target_count(sparsity: float, numel: int) -> int:
-    """Weights to prune for `sparsity` of `numel`: rounded half up, as documented."""
-    return min(numel, int(sparsity * numel + 0.5))
-
-
-def layer_adaptive_counts(k: int, sizes: list[int], floor: list[int] | None = None) -> list[int]:
-    """Per-layer pruned counts for depth-scaled sparsity that sum to the global target exactly.
-
-    With s = k / (all weights), layer i of L gets min(0.95, c * s * (0.7 + 0.6 * i / (L - 1))); the factor c
-    is found by bisection so the fractions add up to s over all weights, and
-    the counts are rounded by largest remainder. `floor` (weights already
-    pruned per layer) is respected: no layer's count goes down.
-    """
-    n_layers, total = len(sizes), sum(sizes)
-    sparsity = k / total
-    floor = floor or [0] * n_layers
-    if k <= sum(floor):
-        return list(floor)
-    scales = [0.7 + 0.6 * i / (n_layers - 1) if n_layers > 1 else 1.0 for i in range(n_layers)]
-    capacity = sum(int(LAYER_CAP * n) for n in sizes)
-    if k > capacity:
-        raise ValueError(f"sparsity {sparsity:.4g} cannot be reached with every layer capped at {LAYER_CAP}")
-
-    def fractions(c: float) -> list[float]:
-        return [min(LAYER_CAP, c * sparsity * sc) for sc in scales]
-
-    lo, hi = 0.0, 1.0
-    while sum(f * n for f, n in zip(fractions(hi), sizes)) < k:
-        hi *= 2.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if sum(f * n for f, n in zip(fractions(mid), sizes)) < k:
-            lo = mid
-        else:
-            hi = mid
-    ideal = [f * n for f, n in zip(fractions(hi), sizes)]
-    counts = [max(fl, min(int(x), int(LAYER_CAP * n))) for x, n, fl in zip(ideal, sizes, floor)]
-    # Hand out (or take back) the remainder one weight at a time, largest remainder first.
-    order = sorted(range(n_layers), key=lambda i: (-(ideal[i] - int(ideal[i])), i))
-    while sum(counts) < k:
-        for i in order:
-            if sum(counts) < k and counts[i] < int(LAYER_CAP * sizes[i]):
-                counts[i] += 1
-    while sum(counts) > k:
-        for i in reversed(order):
-            if sum(counts) > k and counts[i] > floor[i]:
-                counts[i] -= 1
-    return counts
 
 
 @dataclass
 class MaskUpdate:
+    """One mask update. Counts are in weights; the *_groups counts are in the structure's groups
+    (weights, tiles or units), which is what the schedule's target is exact in."""
+
     step: int
     target_sparsity: float
     target_count: int
     pruned_count: int
+    group: str = "weight"
+    target_groups: int | None = None
+    pruned_groups: int | None = None
+    achieved_sparsity: float | None = None  # in weights
+
+    def metrics(self) -> dict:
+        """The fields a metrics row records for this update."""
+        return {"pruned_count": self.pruned_count, "target_count": self.target_count, "group": self.group,
+                "pruned_groups": self.pruned_groups, "target_groups": self.target_groups}
 
 
 class Pruner:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], schedule: Schedule, method: Method | ScoreFn,
-                 optimizer: torch.optim.Optimizer, beta1: float | None = 0.9, layer_adaptive: bool = False):
-        self.masks = MaskSet(named_params)
+                 optimizer: torch.optim.Optimizer, beta1: float | None = 0.9, layer_adaptive: bool = False,
+                 structure: Structure | None = None, scope: str | None = None):
+        self.structure = structure or Structure()
+        self.scope = check_scope("layer-adaptive" if layer_adaptive else scope, self.structure)
+        pool, self.excluded = self.structure.split(named_params)
+        self.masks = MaskSet(pool)
         if self.masks.numel == 0:
+            if self.excluded:
+                raise KpruneError(f"SPARSITY_STRUCTURE={self.structure.kind} leaves no prunable parameter: "
+                                  + "; ".join(f"{e['name']}: {e['reason']}" for e in self.excluded[:4]))
             raise ValueError("no prunable parameters")
+        self.structure.bind(self.masks)
         self.schedule = schedule
         self.method = method if isinstance(method, Method) else FunctionMethod(method.__name__, method)
         self.method.bind(self.masks.params, self.masks.pruned)
         self.optimizer = optimizer
         self.beta1 = beta1
-        self.layer_adaptive = layer_adaptive
-        if layer_adaptive:
-            self._check_reachable()
+        self._check_reachable()
         self.updates: list[MaskUpdate] = []
         self.peak_score_bytes = 0
 
+    @property
+    def layer_adaptive(self) -> bool:
+        return self.scope == "layer-adaptive"
+
     def _check_reachable(self) -> None:
-        """Refuse, before training, a final sparsity the per-layer cap cannot reach with these layer sizes."""
-        sizes = [p.numel() for p in self.masks.params]
-        capacity = sum(int(LAYER_CAP * n) for n in sizes)  # whole weights: a small layer's cap rounds down
-        if target_count(self.schedule.final, self.numel) <= capacity:
+        """Refuse, before training, a final sparsity the per-layer (or per-group) cap cannot reach."""
+        cap = self.structure.cap()
+        if self.layer_adaptive:
+            cap = min(cap, LAYER_CAP)
+        elif cap >= 1.0:
             return
-        reachable = math.floor(capacity / self.numel * 1e4) / 1e4
-        raise KpruneError(f"TARGET_SPARSITY {self.schedule.final:g} cannot be reached with layer-adaptive "
-                          f"sparsity: each of the {len(sizes)} prunable layers is capped at {LAYER_CAP:g} of its "
-                          f"weights, so at most {capacity:,} of {self.numel:,} weights can be pruned; "
-                          f"set TARGET_SPARSITY to at most {reachable:g}")
+        group = self.structure.group
+        if self.scope == "row":
+            rows = self.structure.layer_rows()
+            fits = all(target_count(self.schedule.final, cols) <= int(cap * cols) for _, cols in rows)
+            if fits:
+                return
+            raise KpruneError(f"TARGET_SPARSITY {self.schedule.final:g} cannot be reached in every row: at most "
+                              f"{cap:g} of each row's {group}s can be pruned")
+        sizes = self.structure.layer_sizes()
+        total = sum(sizes)
+        capacity = sum(int(cap * n) for n in sizes)  # whole groups: a small layer's cap rounds down
+        if target_count(self.schedule.final, total) <= capacity:
+            return
+        reachable = math.floor(capacity / total * 1e4) / 1e4
+        why = (f"each of the {len(sizes)} prunable layers is capped at {cap:g} of its {group}s"
+               if self.layer_adaptive else f"at most {cap:g} of the {group}s can be pruned")
+        raise KpruneError(f"TARGET_SPARSITY {self.schedule.final:g} cannot be reached with {self.scope} "
+                          f"{self.structure.kind} sparsity: {why}, so at most {capacity:,} of {total:,} {group}s "
+                          f"can be pruned; set TARGET_SPARSITY to at most {reachable:g}")
+
+    def structure_summary(self) -> dict:
+        """What summary.json records about the structure: its settings, scope and the layers left out."""
+        return {"sparsity_structure": {**self.structure.describe(), "scope": self.scope,
+                                       "groups": sum(self.structure.layer_sizes())},
+                "structure_excluded": list(self.excluded)}
 
     @property
     def score_buffers(self) -> list[torch.Tensor]:
@@ -131,10 +131,10 @@ class Pruner:
         return self.masks.pruned_count / self.masks.numel
 
     def state_dict(self) -> dict:
-        """Masks, counts, update history and the method's own state, for a checkpoint."""
+        """Masks, counts, update history, the structure's and the method's own state, for a checkpoint."""
         return {"bits": [b.clone() for b in self.masks.bits], "pruned_count": self.masks.pruned_count,
                 "updates": [u.__dict__ for u in self.updates], "method": self.method.state_dict(),
-                "peak_score_bytes": self.peak_score_bytes}
+                "peak_score_bytes": self.peak_score_bytes, "structure": self.structure.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks.bits = [b.to(mine.device) for b, mine in zip(state["bits"], self.masks.bits)]
@@ -142,6 +142,12 @@ class Pruner:
         self.updates = [MaskUpdate(**u) for u in state["updates"]]
         self.method.load_state_dict(state["method"])
         self.peak_score_bytes = state["peak_score_bytes"]
+        self.structure.load_state_dict(state.get("structure", {}))
+
+    def clear(self) -> None:
+        """Forget every pruned weight and group (the weights stay as they are): for benchmarks and tests."""
+        self.masks.clear()
+        self.structure.clear()
 
     def observe(self, obs: Observation) -> None:
         self.method.observe(obs)
@@ -158,23 +164,37 @@ class Pruner:
 
     @torch.no_grad()
     def update(self, step: int, gradients_spent: bool = False) -> MaskUpdate:
-        """Recompute masks so exactly target_count(schedule.target(step)) weights are pruned.
+        """Recompute masks so exactly the schedule's target of groups is pruned (never fewer than already are).
 
         With `gradients_spent` (the optimizer step that used them is done) the
         scores are written into the parameters' gradients, which are then set
         to None, instead of into a new score-sized buffer.
         """
         sparsity = self.schedule.target(step)
-        k = max(target_count(sparsity, self.numel), self.masks.pruned_count)  # never revive
-        if k != self.masks.pruned_count:
-            self._select(k, ScoreContext(step=step, beta1=self.beta1), gradients_spent)
-        record = MaskUpdate(step, sparsity, k, self.masks.pruned_count)
+        counts = self._counts(sparsity)
+        if counts.total != self.structure.pruned_groups():
+            self._select(counts, ScoreContext(step=step, beta1=self.beta1), gradients_spent)
+        s = self.structure
+        record = MaskUpdate(step, sparsity, s.target_weights(counts.total), self.masks.pruned_count, group=s.group,
+                            target_groups=counts.total, pruned_groups=s.pruned_groups(),
+                            achieved_sparsity=self.achieved_sparsity)
         self.updates.append(record)
         return record
 
-    def _select(self, k: int, ctx: ScoreContext, gradients_spent: bool) -> None:
-        masks = self.masks
+    def target_groups(self, sparsity: float) -> int:
+        """The groups (weights, tiles or units) an update at `sparsity` leaves pruned."""
+        return self._counts(sparsity).total
+
+    def _counts(self, sparsity: float) -> Counts:
+        """The groups the scope asks to prune at `sparsity`, never fewer than are pruned (no revival)."""
+        return scope_counts(self.scope, self.structure, sparsity)
+
+    def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
+        masks, structure = self.masks, self.structure
         keys, borrowed, allocated = [], [], 0
+        weight_level = structure.weight_level
+        if not weight_level:
+            structure.begin()
         for i, p in enumerate(masks.params):
             out = _spent_gradient(p) if gradients_spent else None
             if out is None:
@@ -183,6 +203,9 @@ class Pruner:
             else:
                 borrowed.append(p)
             self.method.score(i, p.detach().float(), self.optimizer.state.get(p, {}), out, ctx)
+            if not weight_level:  # the structure folds the weights' scores into its groups' scores
+                structure.add_scores(i, out)
+                continue
             flat = out.view(-1)
             # Non-negative floats already order like their int32 bit patterns.
             key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
@@ -190,19 +213,40 @@ class Pruner:
                 for start, n in chunks(key.numel()):
                     pruned = masks.pruned_chunk(i, start, n)
                     key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
+            structure.restrict_(i, key)
             keys.append(key)
         self.peak_score_bytes = max(self.peak_score_bytes, allocated)
-        if self.layer_adaptive:
-            counts = layer_adaptive_counts(k, [key.numel() for key in keys], masks.counts())
-            for i, (key, count) in enumerate(zip(keys, counts)):
+        if not weight_level:
+            structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
+                                           if counts.per_row is not None else None))
+            masks.pruned_count = structure.pruned_weights(counts.total)
+        elif counts.per_row is not None:
+            for i, (key, per_row) in enumerate(zip(keys, counts.per_row)):
+                self._store_rows(key, i, per_row)
+            masks.pruned_count = counts.total
+        elif counts.per_layer is not None:
+            for i, (key, count) in enumerate(zip(keys, counts.per_layer)):
                 self._store([key], count, first=i)
+            masks.pruned_count = counts.total
         else:
-            self._store(keys, k, first=0)
+            self._store(keys, counts.total, first=0)
+            masks.pruned_count = counts.total
         del keys, out
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
-        masks.pruned_count = k
         masks.zero_pruned_weights_and_states(self.optimizer)
+
+    def _store_rows(self, key: torch.Tensor, i: int, per_row: int) -> None:
+        """Pack the `per_row` lowest keys of every output row of parameter i into its bits."""
+        p, bits = self.masks.params[i], self.masks.bits[i]
+        rows, cols = p.shape[0], p.numel() // p.shape[0]
+        first_index = sum(q.numel() for q in self.masks.params[:i])
+        per = max(8, (CHUNK // cols) // 8 * 8)  # whole bytes per chunk of rows
+        for r0 in range(0, rows, per):
+            part = key[r0 * cols:(r0 + per) * cols].view(-1, cols)
+            selected = row_select(part, per_row, first_index + r0 * cols).reshape(-1)
+            start = r0 * cols
+            bits[start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
 
     def _store(self, keys: list[torch.Tensor], k: int, first: int) -> None:
         """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ..."""

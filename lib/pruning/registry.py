@@ -35,8 +35,13 @@ class Variant:
     nonnegative: bool  # as MethodRow.nonnegative; checked on random inputs by the tests
     help: str          # the Kconfig prompt reads "<name>: <help>"
     budget: float = 1.0            # extra iterations the variant was published with (VARIANT_BUDGET)
-    layer_adaptive: bool = False   # depth-scaled per-layer sparsity instead of one global threshold
+    scope: str | None = None       # the SPARSITY_SCOPE the variant means (and refuses any other), if any
     schedule: str = "cubic-ramp"   # the SCHEDULE Kconfig defaults to when this variant is chosen
+
+    @property
+    def layer_adaptive(self) -> bool:
+        """Depth-scaled per-layer sparsity instead of one global threshold."""
+        return self.scope == "layer-adaptive"
 
 
 METHODS: tuple[MethodRow, ...] = (
@@ -53,7 +58,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("bitter2", "magnitude", True, "|w|, budget x1.21", budget=1.21, schedule="linear"),
     Variant("bitter3", "bitter3", True, "|w| * sqrt(|m| + eps), budget x1.30", budget=1.30),
     Variant("bitter4", "bitter3", True, "bitter3 score, layer-adaptive sparsity, budget x1.30", budget=1.30,
-            layer_adaptive=True),
+            scope="layer-adaptive"),
     Variant("bitter5", "bitter5", False, "-mtz + 0.1 * |w|"),
     Variant("bitter6", "bitter6", True, "|w| * sqrt(|m| + eps) * sqrt(m^2 / (v + eps))"),
     Variant("bitter7", "bitter7", True, "|w| * (|v| + eps)^0.25, budget x1.70", budget=1.70),
@@ -68,5 +73,16 @@ VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
 BY_VARIANT: dict[str, Variant] = {v.name: v for v in VARIANTS}
 BUDGET_MULTIPLIERS: dict[str, float] = {v.name: v.budget for v in VARIANTS if v.budget != 1.0}
 LAYER_ADAPTIVE_VARIANTS: frozenset[str] = frozenset(v.name for v in VARIANTS if v.layer_adaptive)
+IMPLIED_SCOPE: dict[str, str] = {v.name: v.scope for v in VARIANTS if v.scope}
+
+# Sparsity structures (SPARSITY_STRUCTURE) and selection scopes (SPARSITY_SCOPE), in menu order.
+STRUCTURES: tuple[str, ...] = ("unstructured", "nm", "block", "channel")
+SCOPES: tuple[str, ...] = ("global", "layer", "layer-adaptive", "row")
+NM_GROUP_LENGTHS: tuple[int, ...] = (4, 8)  # the M of N:M that kprune accepts
+# Structure x scope pairs that make no sense, with the reason a configuration error gives.
+REFUSED_SCOPES: dict[tuple[str, str], str] = {
+    ("channel", "row"): "a channel unit is itself a whole row (and its inputs): there is no row to share "
+                        "the fraction within; use SPARSITY_SCOPE=global, layer or layer-adaptive",
+}
 # What the test matrix sweeps on its method axis: every method but "state", then every variant by name.
 MATRIX_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m != "state") + VARIANT_NAMES

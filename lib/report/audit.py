@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
+from lib.pruning.registry import IMPLIED_SCOPE
 from lib.report.baseline import baseline_for
 from lib.report.runs import Arm, Matrix
 
@@ -34,7 +35,7 @@ REPORTING_PREFIXES = ("track_",)
 # Summary keys that say what a run really did, compared next to the settings.
 DERIVED_KEYS = ("model", "params", "prunable_params", "dataset", "train_tokens", "val_tokens", "train_samples",
                 "test_samples", "iterations", "budget_multiplier", "target_sparsity", "device", "torch")
-DERIVED_DICTS = ("optimizer", "schedule", "adaptive")
+DERIVED_DICTS = ("optimizer", "schedule", "adaptive", "sparsity_structure")
 # A setting and the fact it produces: when both differ, one line names the fact and notes the setting.
 MIRRORS = {"schedule": "schedule.kind", "schedule_start": "schedule.start", "schedule_end": "schedule.end",
            "initial_sparsity": "schedule.initial", "schedule_frequency": "schedule.frequency",
@@ -54,7 +55,18 @@ AXIS_KEYS = {
     "target_sparsity": ("settings.target_sparsity", "target_sparsity", "schedule.final"),
     # The adaptive warp is fitted to the schedule's curve, so another curve gets another warp.
     "schedule": ("settings.schedule", "schedule.kind", "adaptive.warp", "adaptive.warp_used"),
+    # Another structure has other group settings, another group count, and may leave other layers out of the pool.
+    # (A key ending in "." stands for every key below it.)
+    "sparsity_structure": ("settings.sparsity_structure", "settings.nm_n", "settings.nm_m", "settings.block_rows",
+                           "settings.block_cols", "prunable_params", "sparsity_structure.kind",
+                           "sparsity_structure.group", "sparsity_structure.groups", "sparsity_structure.n",
+                           "sparsity_structure.m", "sparsity_structure.rows", "sparsity_structure.cols",
+                           "sparsity_structure.units.", "sparsity_structure.attached"),
+    "sparsity_scope": ("settings.sparsity_scope", "sparsity_structure.scope"),
 }
+# A method may imply its selection scope (bitter4: layer-adaptive, lib/pruning/registry.py): on the method axis
+# the scope follows such a method; between two methods that imply none it must agree.
+METHOD_SCOPE_KEYS = ("settings.sparsity_scope", "sparsity_structure.scope")
 # With a dense arm (method none) on one side there is no schedule to compare.
 DENSE_KEYS = ("schedule", "adaptive", "target_sparsity")
 
@@ -187,10 +199,12 @@ def _seeds(arm: Arm) -> list[Any]:
     return sorted({r.seed for r in arm.complete_runs}, key=lambda s: (str(type(s)), s))
 
 
-def _legitimate(key: str, axes: tuple[str, ...], dense: bool, only_one_side: bool) -> bool:
+def _legitimate(key: str, axes: tuple[str, ...], dense: bool, only_one_side: bool, implied_scope: bool) -> bool:
     for axis in axes:
         if axis in AXIS_KEYS:
-            if key in AXIS_KEYS[axis]:
+            if key in AXIS_KEYS[axis] or any(k.endswith(".") and key.startswith(k) for k in AXIS_KEYS[axis]):
+                return True
+            if axis == "method" and implied_scope and key in METHOD_SCOPE_KEYS:
                 return True
         elif key in (f"settings.{axis}", axis) or key.startswith(f"{axis}."):  # an axis this table does not know
             return True
@@ -209,6 +223,7 @@ def compare_arms(a: Arm, b: Arm, axes: tuple[str, ...], reason: str) -> Comparis
         return comparison
     fa, fb = arm_facts(a), arm_facts(b)
     dense = "none" in (a.method, b.method)
+    implied_scope = any(arm.method in IMPLIED_SCOPE for arm in (a, b))
     found: dict[str, Difference] = {}
     for key in sorted(set(fa) | set(fb)):
         va, vb = sorted(fa.get(key, {ABSENT: []})), sorted(fb.get(key, {ABSENT: []}))
@@ -216,7 +231,7 @@ def compare_arms(a: Arm, b: Arm, axes: tuple[str, ...], reason: str) -> Comparis
             continue
         difference = Difference(key, _shown_set(va), _shown_set(vb))
         one_side = any(v in (ABSENT, "null") for v in va + vb)  # set in one arm, absent or unset in the other
-        if _legitimate(key, axes, dense, one_side):
+        if _legitimate(key, axes, dense, one_side, implied_scope):
             if not key.startswith("settings."):  # what ran, not what was asked for
                 comparison.intended.append(difference)
             continue

@@ -1,9 +1,10 @@
 """Which arm each arm's delta is taken against.
 
 The plan names one baseline arm. An arm of another model or target sparsity
-is compared with the arm that has the baseline's settings at its own model
-and sparsity (a perplexity is never compared with an accuracy, nor 70%
-sparsity with 50%); without such an arm, with the baseline itself if the
+is compared with the arm that has the baseline's settings at its own model,
+sparsity and sparsity structure (a perplexity is never compared with an
+accuracy, 70% sparsity with 50%, nor a 2:4 arm with an unstructured one);
+without such an arm, with the baseline itself if the
 model is the same, else with nothing.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from lib.report.runs import Arm, Matrix
 
-CONTEXT_AXES = ("model", "target_sparsity")
+CONTEXT_AXES = ("model", "target_sparsity", "sparsity_structure")
 
 
 def baseline_for(matrix: Matrix, arm: Arm) -> Arm | None:

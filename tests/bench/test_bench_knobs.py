@@ -40,3 +40,14 @@ def test_maximum_is_enforced(monkeypatch):
     monkeypatch.setenv("BENCH_X", "9")
     with pytest.raises(KnobError, match="between 1 and 8"):
         knob("BENCH_X", 2, minimum=1, maximum=8)
+
+
+def test_choice_knob_takes_one_of_its_values_and_names_them_otherwise(monkeypatch):
+    from bench.knobs import choice_knob
+    monkeypatch.delenv("BENCH_X", raising=False)
+    assert choice_knob("BENCH_X", "a", ("a", "b")) == "a"
+    monkeypatch.setenv("BENCH_X", "b")
+    assert choice_knob("BENCH_X", "a", ("a", "b")) == "b"
+    monkeypatch.setenv("BENCH_X", "c")
+    with pytest.raises(KnobError, match="BENCH_X='c' is not one of: a, b; unset it for the default"):
+        choice_knob("BENCH_X", "a", ("a", "b"))

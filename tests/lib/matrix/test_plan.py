@@ -38,12 +38,15 @@ def test_every_run_differs_from_its_arm_only_in_the_axes():
     parser = build_parser("lenet5", prog="x", description="")
     by_run = {r.id: settings_from_namespace(parser.parse_args(r.argv)) for r in plan.runs}
     reference = by_run[plan.runs[0].id]
-    axis_fields = {"pruning_method", "state_variant", "target_sparsity", "seed", "run_name"}
+    # bitter4 means layer-adaptive scope: its sparsity_scope axis (and setting) says so
+    axis_fields = {"pruning_method", "state_variant", "target_sparsity", "seed", "run_name", "sparsity_scope"}
     for run in plan.runs:
         s = by_run[run.id]
         assert s.run_name == run.id and s.output_dir == str(RUNS)
         assert s.seed == run.seed and s.target_sparsity == run.axes["target_sparsity"]
         assert (s.state_variant if s.pruning_method == "state" else s.pruning_method) == run.axes["method"]
+        assert s.sparsity_scope == run.axes["sparsity_scope"] == ("layer-adaptive" if run.axes["method"] == "bitter4"
+                                                                  else "global")
         # bitter0-2 default to a linear schedule: the plan pins the base's schedule for every arm
         assert s.schedule == "cubic-ramp"
         for name, value in vars(s).items():

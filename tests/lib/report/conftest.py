@@ -73,11 +73,16 @@ class MatrixBuilder:
     def add(self, *, model: str = "gpt2", optimizer: str = "adamwprune", method: str = "magnitude",
             target_sparsity: float = 0.5, schedule: str = "cubic-ramp", seed: int = 1337, quality: float = 50.0,
             status: str = "complete", write_summary: bool = True, settings: dict | None = None,
-            summary: dict | None = None, error: str | None = None) -> PlannedRun:
-        """Plan one run and write its directory (a run with `write_summary=False` died before its summary)."""
+            summary: dict | None = None, error: str | None = None, axes: dict | None = None) -> PlannedRun:
+        """Plan one run and write its directory (a run with `write_summary=False` died before its summary).
+
+        `axes` adds plan axes beyond the five above (e.g. sparsity_structure), named in the arm id.
+        """
+        extra_axes = axes or {}
         axes = {"model": model, "optimizer": optimizer, "method": method, "target_sparsity": target_sparsity,
-                "schedule": schedule}
-        arm = f"{model}-{optimizer}-{method}-sp{target_sparsity:g}-{schedule}"
+                "schedule": schedule, **extra_axes}
+        arm = f"{model}-{optimizer}-{method}-sp{target_sparsity:g}-{schedule}" + "".join(f"-{v}" for v in
+                                                                                   extra_axes.values())
         run = PlannedRun(id=f"{arm}-seed{seed}", arm=arm, axes={**axes, "seed": seed}, quality=quality,
                          status=status if write_summary else "no summary.json")
         self.runs.append(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lib.report.audit import audit_matrix
+from lib.report.baseline import baseline_for
 from lib.report.runs import load_matrix
 
 SEEDS = (1337, 1338, 1339)
@@ -108,6 +109,54 @@ def test_tracker_settings_are_not_differences(builder):
     """Where a run reports (W&B, trackio, TensorBoard) says nothing about what it ran."""
     c = _only(_ab(builder, {"settings": {"track_tensorboard": True, "track_group": "mine"}}))
     assert c.differences == [] and c.fair
+
+
+def _structure_run(builder, method: str, structure: str, seed: int, scope: str = "global", **kw):
+    """A run with the settings and summary facts a real run of that structure and scope records."""
+    nm = {"n": 2, "m": 4} if structure == "nm" else {}
+    builder.add(method=method, seed=seed, axes={"sparsity_structure": structure},
+                settings={"sparsity_structure": structure, "sparsity_scope": scope,
+                          "nm_n": 2 if structure == "nm" else None, "nm_m": 4 if structure == "nm" else None},
+                summary={"sparsity_structure": {"kind": structure, "group": "weight", "scope": scope, **nm,
+                                                "groups": 100}, **kw.pop("summary", {})}, **kw)
+
+
+def test_structure_axis_explains_its_own_settings_and_facts(builder):
+    """Unstructured vs 2:4: N, M and the structure facts differ by design; another scope would not."""
+    for seed in SEEDS:
+        _structure_run(builder, "magnitude", "unstructured", seed)
+        _structure_run(builder, "magnitude", "nm", seed, summary={"prunable_params": 7})
+    [c] = audit_matrix(load_matrix(builder.write())).comparisons
+    assert c.axes == ("sparsity_structure",) and c.differences == [] and c.fair
+
+
+def test_a_scope_the_axes_do_not_explain_is_reported(builder):
+    for seed in SEEDS:
+        _structure_run(builder, "magnitude", "nm", seed)
+        _structure_run(builder, "bitter7", "nm", seed, scope="layer")
+    c = _only(audit_matrix(load_matrix(builder.write())), a="gpt2-adamwprune-magnitude-sp0.5-cubic-ramp-nm",
+              b="gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-nm")
+    assert not c.fair
+    assert "sparsity_structure.scope: global vs layer" in [str(d).split(" (")[0] for d in c.differences]
+
+
+def test_a_method_that_implies_its_scope_is_fair_on_the_method_axis(builder):
+    """bitter4 means bitter3's score with layer-adaptive scope: that scope is part of the method."""
+    for seed in SEEDS:
+        _structure_run(builder, "magnitude", "unstructured", seed)
+        _structure_run(builder, "bitter4", "unstructured", seed, scope="layer-adaptive")
+    [c] = audit_matrix(load_matrix(builder.write())).comparisons
+    assert c.axes == ("method",) and c.differences == [] and c.fair
+
+
+def test_an_arm_of_another_structure_is_measured_against_the_baseline_method_at_that_structure(builder):
+    for seed in SEEDS:
+        for structure in ("unstructured", "nm"):
+            _structure_run(builder, "magnitude", structure, seed)
+            _structure_run(builder, "bitter7", structure, seed)
+    matrix = load_matrix(builder.write())
+    arm = next(a for a in matrix.arms if a.id.endswith("bitter7-sp0.5-cubic-ramp-nm"))
+    assert baseline_for(matrix, arm).id.endswith("magnitude-sp0.5-cubic-ramp-nm")
 
 
 def test_intended_axis_is_not_a_difference(builder):
