@@ -22,13 +22,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lib import checkpoint, distributed, optim
+from lib import checkpoint, distributed, export, optim
 from lib.batches import Prefetcher
 from lib.checkpoint import Progress
 from lib.device import (autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads,
                         with_precision)
 from lib.errors import KpruneError
-from lib.export import write_final_model
 from lib.lr import lr_at
 from lib.pruning.build import budget_multiplier, build_pruner
 from lib.pruning.methods import Observation
@@ -180,7 +179,7 @@ def _run_loop(loop: Loop, summary: dict) -> int:
             summary.update(final_summary(loop.task, loop.optimizer, loop.pruner, st))
             summary["status"] = status
             summary["world_size"] = distributed.world()[1]
-            summary.update(write_final_model(loop.run_dir, loop.task, loop.pruner, status, st.step))
+            summary.update(export.write_final_model(loop.run_dir, loop.task, loop.pruner, status, st.step))
             if loop.run_dir is not None:
                 write_json_atomic(loop.run_dir / "summary.json", summary)
                 if loop.trackers is not None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
+from gpt2 import train as gpt2_train
 from gpt2.hf import gpt_from_run
 from lib.data.tokenizer import gpt2_encoding
+from lib.kconfig import REPO_ROOT, apply_overrides, read_config, trainer_argv
 from lib.pruning.pruner import target_count
+from scripts import export
 from tests.test_train_e2e import QUICK_GPT2, make, project, run_dir_of  # noqa: F401 (project is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -54,3 +58,22 @@ def test_make_export_of_a_pruned_run_loads_in_transformers_and_samples(project):
     args = ("sample", f"RESULTS={run_dir}", f"PROMPT={prompt}", "MAX_NEW_TOKENS=8", "SAMPLE_SEED=4")
     first = make(project, *args).stdout
     assert first == make(project, *args).stdout and first.startswith(prompt) and len(first) > len(prompt) + 1
+
+
+def test_a_channel_pruned_run_exports_a_smaller_model_with_its_outputs(tmp_path, data_dir, capsys):
+    kconf, seen = read_config(REPO_ROOT / "defconfigs" / "gpt2-magnitude-channel")
+    apply_overrides(kconf, seen, ["MAX_ITERS=12", "SCHEDULE=linear", "SCHEDULE_START=2", "SCHEDULE_END=10",
+                                  "SCHEDULE_FREQUENCY=4", "EVAL_INTERVAL=12", "GPT2_EVAL_ITERS=1", "BATCH_SIZE=2",
+                                  "LR_WARMUP_ITERS=2", f"OUTPUT_DIR={tmp_path}", f"DATA_DIR={data_dir}"])
+    assert gpt2_train.main(trainer_argv(kconf)) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: "))
+    assert export.main(["--results", str(run_dir)]) == 0
+    assert f"wrote: {run_dir / 'export' / 'small' / 'model.safetensors'}" in capsys.readouterr().out
+
+    model, small = gpt_from_run(run_dir), gpt_from_run(run_dir / "export" / "small")
+    # Half of each block's heads and MLP neurons are pruned (layer scope): the smaller model lacks exactly those.
+    assert small.cfg.heads == (2,) * 4 and small.cfg.hidden == (256,) * 4
+    ids = gpt2_encoding().encode_ordinary("GLOUCESTER: Now is the winter of our discontent made glorious summer")
+    idx = torch.tensor([ids[:64], ids[::-1][:64]])
+    with torch.no_grad():
+        assert (small(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-5
