@@ -60,15 +60,31 @@ def test_make_export_of_a_pruned_run_loads_in_transformers_and_samples(project):
     assert first == make(project, *args).stdout and first.startswith(prompt) and len(first) > len(prompt) + 1
 
 
-def test_a_channel_pruned_run_exports_a_smaller_model_with_its_outputs(tmp_path, data_dir, capsys):
-    kconf, seen = read_config(REPO_ROOT / "defconfigs" / "gpt2-magnitude-channel")
+def train_and_export(defconfig: str, tmp_path: Path, data_dir: Path, capsys) -> tuple[Path, str]:
+    """A short run of a shipped GPT-2 defconfig through the real trainer, exported: (run dir, export's output)."""
+    kconf, seen = read_config(REPO_ROOT / "defconfigs" / defconfig)
     apply_overrides(kconf, seen, ["MAX_ITERS=12", "SCHEDULE=linear", "SCHEDULE_START=2", "SCHEDULE_END=10",
                                   "SCHEDULE_FREQUENCY=4", "EVAL_INTERVAL=12", "GPT2_EVAL_ITERS=1", "BATCH_SIZE=2",
                                   "LR_WARMUP_ITERS=2", f"OUTPUT_DIR={tmp_path}", f"DATA_DIR={data_dir}"])
     assert gpt2_train.main(trainer_argv(kconf)) == 0
     run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: "))
     assert export.main(["--results", str(run_dir)]) == 0
-    assert f"wrote: {run_dir / 'export' / 'small' / 'model.safetensors'}" in capsys.readouterr().out
+    return run_dir, capsys.readouterr().out
+
+
+def test_a_2of4_run_exports_the_full_pattern_in_every_prunable_layer(tmp_path, data_dir, capsys):
+    run_dir, _ = train_and_export("gpt2-bitter7-2of4", tmp_path, data_dir, capsys)
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    masks = load_file(run_dir / "export" / "masks.safetensors")
+    assert sorted(masks) == sorted(f"blocks.{i}.{s}" for i in range(4) for s in PROJECTIONS)
+    for name in masks:  # along the input dimension, exactly 2 of every 4 consecutive weights are zero
+        groups = weights[name].view(weights[name].shape[0], -1, 4)
+        assert torch.all((groups == 0).sum(dim=2) == 2), name
+
+
+def test_a_channel_pruned_run_exports_a_smaller_model_with_its_outputs(tmp_path, data_dir, capsys):
+    run_dir, out = train_and_export("gpt2-magnitude-channel", tmp_path, data_dir, capsys)
+    assert f"wrote: {run_dir / 'export' / 'small' / 'model.safetensors'}" in out
 
     model, small = gpt_from_run(run_dir), gpt_from_run(run_dir / "export" / "small")
     # Half of each block's heads and MLP neurons are pruned (layer scope): the smaller model lacks exactly those.
