@@ -178,9 +178,9 @@ def gpt_from_run(run_dir: Path) -> GPT:
 
 def gpt_from_final(final: FinalModel, run_dir: Path) -> GPT:
     """The GPT-2 of a final model read from `run_dir`, in eval mode."""
-    config = final.metadata.get("shape", {}).get("config")
-    if not final.metadata.get("model", "").startswith("gpt2") or not config:
-        raise KpruneError(f"{run_dir} holds a {final.metadata.get('model')!r} model, not a GPT-2")
+    config = final.metadata["shape"]["config"]
+    if not final.metadata["model"].startswith("gpt2") or not config:
+        raise KpruneError(f"{run_dir} holds a {final.metadata['model']!r} model, not a GPT-2")
     per_block = {k: tuple(config[k]) for k in ("heads", "hidden") if config.get(k) is not None}
     model = GPT(GPTConfig(**{**config, **per_block}))  # JSON gave lists; the config keeps tuples
     model.load_state_dict(final.state_dict())

@@ -7,8 +7,9 @@ At its end a run writes into its directory (rank 0 only, atomically):
   metadata's `tied` maps each other name to it, so a reader can restore it.
 - `masks.safetensors`: one bool tensor per prunable parameter, of its shape,
   True where the weight is pruned. Written only by runs that prune.
-The metadata also holds the model's name, the step and the model's shape
-(`shape`: its config fields when it has them, and every tensor's shape).
+The metadata (one key, `kprune`, holding JSON) also holds the model's name,
+the step and the model's shape (`shape`: its config fields when it has
+them, and every tensor's shape).
 
 safetensors holds raw tensors and a JSON header, no pickle: loading one runs
 no code, unlike a torch checkpoint. `make export` copies these files, the
@@ -68,14 +69,21 @@ def final_model_files(model: nn.Module, model_name: str, step: int, masks=None) 
         first_name[id(t)] = name
         t = t.detach().to("cpu")
         tensors[name] = (t.float() if t.is_floating_point() else t).contiguous()
-    metadata = {"format": "1", "model": model_name, "step": str(step), "tied": json.dumps(tied),
-                "shape": json.dumps(model_shape(model))}
-    files = {MODEL_FILE: save(tensors, metadata=metadata)}
+    about = {"format": 1, "model": model_name, "step": step}
+    files = {MODEL_FILE: save(tensors, metadata=_metadata({**about, "tied": tied, "shape": model_shape(model)}))}
     if masks is not None:
         pruned = {name: masks.pruned_mask(i).to("cpu").contiguous() for i, name in enumerate(masks.names)}
-        files[MASKS_FILE] = save(pruned, metadata={"format": "1", "model": model_name, "step": str(step),
-                                                   "meaning": "True = pruned"})
+        files[MASKS_FILE] = save(pruned, metadata=_metadata({**about, "meaning": "True = pruned"}))
     return files
+
+
+def _metadata(fields: dict) -> dict[str, str]:
+    """safetensors metadata as one key holding sorted JSON.
+
+    safetensors writes its metadata keys in an order that changes from call
+    to call; with one key the same model gives the same bytes every time.
+    """
+    return {"kprune": json.dumps(fields, sort_keys=True)}
 
 
 def write_final_model(run_dir: Path | None, task, pruner, status: str, step: int) -> dict:
@@ -109,8 +117,6 @@ def read_final_model(run_dir: Path) -> FinalModel:
                           "or is interrupted; train (make train) or resume (make resume RESUME=<run dir>) first")
     tensors, metadata = _read(path)
     masks = _read(run_dir / MASKS_FILE)[0] if (run_dir / MASKS_FILE).exists() else {}
-    metadata["tied"] = json.loads(metadata.get("tied", "{}"))
-    metadata["shape"] = json.loads(metadata.get("shape", "{}"))
     return FinalModel(tensors, masks, metadata)
 
 
@@ -119,10 +125,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-    except (SafetensorError, ValueError) as exc:
-        raise KpruneError(f"{path} is not a readable safetensors file ({exc}); the run must be trained again "
-                          "or resumed to write it anew") from None
+        metadata = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["kprune"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise KpruneError(f"{path} is not a final model kprune wrote (unreadable safetensors or no kprune "
+                          f"metadata: {exc}); train the run again or resume it to write it anew") from None
     return tensors, metadata
 
 
@@ -141,7 +147,7 @@ def export_run(run_dir: Path) -> tuple[list[Path], FinalModel]:
         if (run_dir / name).exists():
             write_bytes_atomic(out / name, (run_dir / name).read_bytes())
             written.append(out / name)
-    shape = {"model": final.metadata.get("model"), "step": int(final.metadata.get("step", 0)),
-             "tied": final.metadata["tied"], **final.metadata["shape"]}
+    shape = {"model": final.metadata["model"], "step": final.metadata["step"], "tied": final.metadata["tied"],
+             **final.metadata["shape"]}
     write_json_atomic(out / "shape.json", shape)
     return written + [out / "shape.json"], final

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KpruneError(f"RESULTS={args.results!r} is no directory: give a run directory "
                               "(the `results:` line of make train)")
         written, final = export_run(run_dir)
-        if str(final.metadata.get("model", "")).startswith("gpt2"):
+        if final.metadata["model"].startswith("gpt2"):
             # GPT-2 only: the others have no Hugging Face layout
             hf_dir = run_dir / "export" / "hf"
             hf_dir.mkdir(exist_ok=True)
@@ -68,7 +68,7 @@ def write_smaller_gpt(model, final, directory: Path) -> list[Path]:
         print("no whole head or MLP neuron is pruned: no smaller model to write", file=sys.stderr)
         return []
     directory.mkdir(exist_ok=True)
-    data = final_model_files(small, final.metadata.get("model", "gpt2"), int(final.metadata.get("step", 0)))
+    data = final_model_files(small, final.metadata["model"], final.metadata["step"])
     write_bytes_atomic(directory / MODEL_FILE, data[MODEL_FILE])
     print(f"smaller model: heads per block {list(cfg.heads)}, MLP neurons per block {list(cfg.hidden)}",
           file=sys.stderr)

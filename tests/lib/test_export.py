@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gpt2.model import GPT, GPTConfig
 from lib import checkpoint
@@ -53,7 +54,7 @@ def test_final_model_round_trip_keeps_zeros_masks_and_the_tie(tmp_path):
     for i, name in enumerate(masks.names):
         assert torch.equal(final.masks[name], masks.pruned_mask(i))
         assert torch.all(final.tensors[name][final.masks[name]] == 0)
-    assert final.metadata["step"] == "7" and final.metadata["shape"]["config"]["n_embd"] == 32
+    assert final.metadata["step"] == 7 and final.metadata["shape"]["config"]["n_embd"] == 32
 
 
 def test_the_files_are_plain_safetensors_any_reader_opens(tmp_path):
@@ -62,10 +63,16 @@ def test_the_files_are_plain_safetensors_any_reader_opens(tmp_path):
         (tmp_path / name).write_bytes(data)
     with safe_open(tmp_path / MODEL_FILE, "pt") as f:  # safetensors' own reader, no kprune code
         assert f.get_tensor("blocks.0.mlp.c_fc.weight").dtype == torch.float32
-        assert json.loads(f.metadata()["shape"])["tensors"]["wte.weight"] == [96, 32]
+        assert json.loads(f.metadata()["kprune"])["shape"]["tensors"]["wte.weight"] == [96, 32]
     with safe_open(tmp_path / MASKS_FILE, "pt") as f:
         assert f.get_tensor("wte.weight").dtype == torch.bool
-        assert f.metadata()["meaning"] == "True = pruned"
+        assert json.loads(f.metadata()["kprune"])["meaning"] == "True = pruned"
+
+
+def test_the_same_model_gives_the_same_bytes():
+    """Runs that end alike leave identical files (safetensors alone orders several metadata keys at random)."""
+    model, masks = pruned_gpt()
+    assert final_model_files(model, "gpt2-small", 3, masks) == final_model_files(model, "gpt2-small", 3, masks)
 
 
 def test_only_a_sound_end_writes_the_final_model(tmp_path):
@@ -115,7 +122,10 @@ def test_a_run_without_a_final_model_says_how_to_get_one(tmp_path):
     with pytest.raises(KpruneError, match="holds no final model .*make train.*make resume"):
         read_final_model(tmp_path)
     (tmp_path / MODEL_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(KpruneError, match="not a readable safetensors file"):
+    with pytest.raises(KpruneError, match="is not a final model kprune wrote"):
+        read_final_model(tmp_path)
+    save_file({"w": torch.ones(2)}, tmp_path / MODEL_FILE, metadata={"format": "pt"})  # another tool's file
+    with pytest.raises(KpruneError, match="is not a final model kprune wrote .*no kprune metadata"):
         read_final_model(tmp_path)
 
 
