@@ -16,11 +16,13 @@ DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 # line; $(value ...) keeps make from expanding it as well. So no character of
 # it is syntax to make or to a shell: a quote, $(...), a backquote, a ; or a
 # line break arrives as itself, and the program accepts it or says what is wrong.
-USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD MAX_DOCS PYTEST_ARGS
+USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD MAX_DOCS PYTEST_ARGS \
+                  PROMPT MAX_NEW_TOKENS TEMPERATURE TOP_K SAMPLE_SEED
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train \
+        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare export sample \
+        data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -45,7 +47,10 @@ help:
 	@echo "  sbatch-train       submit make train as a Slurm job (DDP_NNODES nodes, one torchrun each)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
-	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2)"
+	@echo "  export             a run's final model into <run>/export/ (safetensors, masks, config; GPT-2: hf/): RESULTS=<run dir>"
+	@echo "  sample             text from a GPT-2 run's final model: RESULTS=<run dir> PROMPT=\"...\" [MAX_NEW_TOKENS TEMPERATURE TOP_K SAMPLE_SEED]"
+	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2), bench-inference"
+	@echo "  bench-inference    forward latency and memory: dense vs pruned 124M-shaped GPT-2, or a run's model (RESULTS=<run dir>)"
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
 	@echo "  data-gpt2          prepare GPT-2 tokens: DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]"
 	@echo "  test               run the test suite"
@@ -109,10 +114,14 @@ data-gpt2: $(STAMP)
 	@$(if $(filter $(HUB_DATASETS),$(DATASET)),$(PY) -m pip install --quiet -r requirements-hub.txt)
 	@$(PY) -m scripts.prepare_gpt2_data
 
-bench: bench-pruning bench-train
+bench: bench-pruning bench-train bench-inference
 
 bench-pruning: $(STAMP)
 	@$(PY) -m bench.pruning
+
+# RESULTS=<run dir>: the run's model against its smaller self (bench/inference.py).
+bench-inference: $(STAMP)
+	@$(PY) -m bench.inference
 
 bench-train: $(STAMP) install-trackers  # its tracker arm runs W&B, trackio and TensorBoard
 	@$(PY) -m bench.train
@@ -126,6 +135,10 @@ compare: $(STAMP)
 
 train: $(STAMP)
 	@$(KCONFIG) train
+
+# RESULTS, PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, SAMPLE_SEED arrive through the environment (USER_VARIABLES).
+sample export: $(STAMP)
+	@$(PY) -m scripts.$@
 
 # Without RESUME: the newest interrupted run in OUTPUT_DIR.
 resume: $(STAMP)

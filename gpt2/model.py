@@ -22,6 +22,10 @@ class GPTConfig:
     block_size: int
     vocab_size: int = 50304  # 50,257 tokens padded to a multiple of 64: faster matmuls
     dropout: float = 0.0
+    # Per block, for a model made smaller by removing whole heads and MLP neurons (gpt2/shrink.py):
+    # heads kept and MLP width. None: n_head heads and 4 x n_embd neurons in every block.
+    heads: tuple[int, ...] | None = None
+    hidden: tuple[int, ...] | None = None
 
 
 SIZES: dict[str, tuple[int, int, int]] = {  # name -> (layers, heads, width)
@@ -39,28 +43,32 @@ def config_for(size: str, block_size: int, dropout: float) -> GPTConfig:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, n_head: int):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.n_head, self.head_dim = n_head, cfg.n_embd // cfg.n_head
+        inner = n_head * self.head_dim  # n_embd, unless heads were removed
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * inner)
+        self.c_proj = nn.Linear(inner, cfg.n_embd)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        inner = self.n_head * self.head_dim
+        if inner == 0:  # every head removed: the block adds c_proj's bias alone
+            return self.resid_drop(self.c_proj(x.new_zeros(b, t, 0)))
+        q, k, v = self.c_attn(x).split(inner, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c)))
+        return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(b, t, inner)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, hidden: int):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,12 +76,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, index: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, cfg.heads[index] if cfg.heads else cfg.n_head)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.hidden[index] if cfg.hidden else 4 * cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -87,7 +95,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one parameter

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2.hf import pretrained_gpt
 from gpt2.model import GPT, config_for
 from lib import distributed
 from lib.cli import trainer_main
@@ -80,6 +81,9 @@ def token_files(data_dir: Path, dataset: str) -> tuple[Path, Path]:
 
 
 def build_model(s: Settings) -> GPT:
+    """A fresh GPT-2 (GPT2_INIT=scratch) or the pretrained one GPT2_PRETRAINED names, to fine-tune and prune."""
+    if s.gpt2_init == "pretrained":
+        return pretrained_gpt(s.gpt2_pretrained, s.gpt2_size, s.block_size, s.dropout)
     return GPT(config_for(s.gpt2_size, s.block_size, s.dropout))
 
 

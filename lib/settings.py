@@ -112,6 +112,8 @@ class Settings:
     block_size: int = _opt("GPT2_BLOCK_SIZE", models=("gpt2",))
     dropout: float = _opt("GPT2_DROPOUT", models=("gpt2",), low=0.0, high=1.0, high_open=True)
     eval_iters: int = _opt("GPT2_EVAL_ITERS", models=("gpt2",))
+    gpt2_init: str = _opt("GPT2_INIT", models=("gpt2",))
+    gpt2_pretrained: str = _opt("GPT2_PRETRAINED", models=("gpt2",))
     # ResNet
     resnet_depth: str = _opt("RESNET_DEPTH", models=("resnet",))
     resnet_dataset: str = _opt("RESNET_DATASET", models=("resnet",))

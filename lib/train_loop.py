@@ -4,7 +4,7 @@ A trainer describes its model and data as a `Task`; `run()` does the rest:
 seeding, device, optimizer, pruning, learning-rate schedule, evaluation,
 progress display, metrics, divergence and interruption handling, and the
 results directory. Checkpoints live in lib/checkpoint.py, summary.json in
-lib/summary.py, signal handling in lib/stop.py.
+lib/summary.py, signal handling in lib/stop.py, the final model in lib/export.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lib import checkpoint, distributed, optim
+from lib import checkpoint, distributed, export, optim
 from lib.batches import Prefetcher
 from lib.checkpoint import Progress
 from lib.device import (autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads,
@@ -179,6 +179,7 @@ def _run_loop(loop: Loop, summary: dict) -> int:
             summary.update(final_summary(loop.task, loop.optimizer, loop.pruner, st))
             summary["status"] = status
             summary["world_size"] = distributed.world()[1]
+            summary.update(export.write_final_model(loop.run_dir, loop.task, loop.pruner, status, st.step))
             if loop.run_dir is not None:
                 write_json_atomic(loop.run_dir / "summary.json", summary)
                 if loop.trackers is not None:
