@@ -147,3 +147,12 @@ def test_ddp_all_reduces_once_per_optimizer_step_under_accumulation():
     for rank, calls, buckets, loss, anywhere in results:
         assert calls == 3 * 1, f"rank {rank}: {calls} gradient all-reduces for 3 steps of 4 micro-batches"
         assert loss == 0.5 and anywhere is True
+
+
+def test_masking_uses_whole_tensors_on_a_gpu_and_cache_sized_chunks_on_the_cpu():
+    from lib.pruning.masks import CHUNK, chunk_size, chunks
+
+    assert chunk_size(CPU) == CHUNK
+    gpt2_wte = 50257 * 768  # the largest GPT-2 124M weight: one masking pass, one set of kernels
+    assert list(chunks(gpt2_wte, chunk_size(torch.device("cuda", 0)))) == [(0, gpt2_wte)]
+    assert len(list(chunks(gpt2_wte, chunk_size(CPU)))) == 37
