@@ -65,9 +65,12 @@ def configure_backends(s, device: torch.device) -> None:
         return
     # The fp32_precision API (torch >= 2.9): the older allow_tf32 flags are deprecated, and mixing
     # the two APIs is an error under torch.compile.
-    precision = "tf32" if s.tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        precision = "tf32" if s.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # an older torch on a GPU node's own environment
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.tf32
     if s.deterministic:
         # cuBLAS reads this when it creates its handle, at the first matmul: still ahead of us here.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
