@@ -47,8 +47,10 @@ def gpt2_settings(device: torch.device, out_dir: Path, *overrides: str, prune: b
     """Settings of a tiny gpt2-bitter7 run (or unpruned AdamW) on `device` writing into `out_dir`."""
     kconf, seen = read_config(REPO_ROOT / "defconfigs" / "gpt2-bitter7")
     method = SCHEDULE if prune else ["PRUNING_METHOD_NONE=y", "OPTIMIZER_ADAMW=y"]
-    apply_overrides(kconf, seen, [*TINY_RUN, *method, f"DEVICE={device.type}", f"DATA_DIR={REPO_ROOT / 'data'}",
-                                  f"OUTPUT_DIR={out_dir}", "THREADS=0", *overrides])
+    given = [*TINY_RUN, *method, f"DEVICE={device.type}", f"DATA_DIR={REPO_ROOT / 'data'}",
+             f"OUTPUT_DIR={out_dir}", "THREADS=0", *overrides]
+    merged = {item.split("=", 1)[0]: item for item in given}  # a later value of a symbol replaces an earlier one
+    apply_overrides(kconf, seen, list(merged.values()))
     return settings_from_kconfig(kconf)
 
 

@@ -20,7 +20,7 @@ def test_peak_rate_by_device_name_or_override():
 
 
 def test_flops_per_token_of_gpt2_124m():
-    # 124,439,808 weights (50,257-token vocabulary padded to 50,304) at block 1024: ~0.84 GFLOP per token.
+    # GPT-2 124M (124,439,808 weights with the 50,257-token vocabulary) at block 1024: ~0.86 GFLOP per token.
     assert gpu.flops_per_token(124_439_808, 12, 768, 1024) == 6 * 124_439_808 + 12 * 12 * 768 * 1024
 
 
