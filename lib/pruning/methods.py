@@ -34,7 +34,7 @@ class Observation:
     model: nn.Module
     batch: tuple
     loss_fn: Callable[[nn.Module, tuple], torch.Tensor]
-    loss: float
+    loss: float | torch.Tensor  # the last micro-batch's loss (a 0-d tensor from the training loop)
 
 
 class Method:

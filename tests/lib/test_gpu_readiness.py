@@ -156,3 +156,34 @@ def test_masking_uses_whole_tensors_on_a_gpu_and_cache_sized_chunks_on_the_cpu()
     gpt2_wte = 50257 * 768  # the largest GPT-2 124M weight: one masking pass, one set of kernels
     assert list(chunks(gpt2_wte, chunk_size(torch.device("cuda", 0)))) == [(0, gpt2_wte)]
     assert len(list(chunks(gpt2_wte, chunk_size(CPU)))) == 37
+
+
+def test_spt_explores_without_waiting_for_the_device_and_restores_weights_exactly(monkeypatch):
+    from torch import nn
+
+    from lib.pruning.methods import SPT, Observation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    params = [model[0].weight, model[2].weight]
+    pruned = [torch.zeros_like(p, dtype=torch.bool) for p in params]
+    pruned[0][:4] = True
+    spt = SPT(epsilon=0.3, alpha=0.5, seed=3, last_step=10)
+    spt.bind(params, pruned)
+    assert spt.generator.device == params[0].device  # drawn where the weights are
+    x, y = torch.randn(8, 16), torch.randn(8, 1)
+    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    before = [p.detach().clone() for p in params]
+    loss = loss_fn(model, (x, y)).detach()
+    generator_state = spt.generator.get_state()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("SPT read a tensor's truth value"))
+        m.setattr(torch.Tensor, "item", lambda self: pytest.fail("SPT copied a value to the host"))
+        spt.observe(Observation(1, model, (x, y), loss_fn, loss))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    explored = [r != 0 for r in spt.rewards]
+    assert sum(int(e.sum()) for e in explored) > 0 and not explored[0][:4].any()  # pruned weights never explored
+    # The rewards' exploration is the generator's: the saved state replays the same picks.
+    spt.generator.set_state(generator_state)
+    again = torch.rand(params[0].shape, generator=spt.generator) < 0.3
+    assert torch.equal(explored[0], again & ~pruned[0])
