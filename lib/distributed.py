@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,24 @@ def mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t.div_(dist.get_world_size())
     return t
+
+
+def shard_sum(values: Iterable[Callable[[], torch.Tensor]], device: torch.device) -> float:
+    """The sum of every value, each rank computing its share: item i on rank i % world size.
+
+    `values` yields one thunk per item, in the same order on every rank (drawing a batch as it goes,
+    so every rank's generator advances alike); only this rank's thunks run. The partial sums stay
+    on the device and meet in one all-reduce. Models evaluated this way must have no buffers DDP
+    broadcasts in forward (ranks run different numbers of forward passes).
+    """
+    rank, size = world()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, value in enumerate(values):
+        if i % size == rank:
+            total += value().detach().double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return total.item()
 
 
 def step_stats(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:

@@ -127,12 +127,16 @@ def _count_allreduces(rank: int, port: int, accum: int, steps: int, out) -> None
         buckets = len(calls) // steps
         # Stop-flag agreement: rank 1 saw a signal, rank 0 did not; both learn it from one reduction.
         loss, anywhere = distributed.step_stats(torch.tensor(float(rank), dtype=torch.float64), rank == 1)
-        out.put((rank, len(calls), buckets, loss, anywhere))
+        # Validation: each rank evaluates its share of the batches, the sum is everyone's.
+        evaluated = []
+        total = distributed.shard_sum(((lambda i=i: evaluated.append(i) or torch.tensor(float(i))) for i in range(5)),
+                                      CPU)
+        out.put((rank, len(calls), buckets, loss, anywhere, total, evaluated))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_all_reduces_once_per_optimizer_step_under_accumulation():
+def test_ddp_all_reduces_once_per_optimizer_step_and_shards_evaluation():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -144,9 +148,10 @@ def test_ddp_all_reduces_once_per_optimizer_step_under_accumulation():
     results = sorted(out.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    for rank, calls, buckets, loss, anywhere in results:
+    for rank, calls, buckets, loss, anywhere, total, evaluated in results:
         assert calls == 3 * 1, f"rank {rank}: {calls} gradient all-reduces for 3 steps of 4 micro-batches"
         assert loss == 0.5 and anywhere is True
+        assert total == 0 + 1 + 2 + 3 + 4 and evaluated == [[0, 2, 4], [1, 3]][rank]
 
 
 def test_masking_uses_whole_tensors_on_a_gpu_and_cache_sized_chunks_on_the_cpu():
