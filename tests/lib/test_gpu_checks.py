@@ -89,6 +89,7 @@ def test_exact_selection_check_catches_a_device_that_selects_otherwise(tmp_path,
         gpu_checks.check_exact_selection(CPU, tmp_path)
 
 
+@pytest.mark.slow
 def test_masks_and_checkpoint_checks_train_for_real(tmp_path):
     out = gpu_checks.check_train_masks_memory_prefetch(CPU, tmp_path / "train")
     assert out["mask_updates"] == 5 and out["final_sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -136,6 +136,7 @@ def _count_allreduces(rank: int, port: int, accum: int, steps: int, out) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_all_reduces_once_per_optimizer_step_and_shards_evaluation():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
