@@ -91,7 +91,6 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
                                   settings.ddp_nproc_per_node * settings.ddp_nnodes)
     else:
         device = pick_device(settings.device)
-    rank, _ = distributed.world()
     if device.type == "cpu":
         keep_freed_memory()
     set_threads(settings.threads)
@@ -110,7 +109,7 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
     iterations = int(round(settings.max_iters * multiplier))
     progress = Progress(items_per_step=task.items_per_step * settings.grad_accum_steps)
 
-    main = rank == 0  # only rank 0 writes results, and holds the run directory's lock
+    main = distributed.world()[0] == 0  # only rank 0 writes results, and holds the run directory's lock
     run_dir, lock = open_run_dir(settings, task, command, main)
     try:
         trackers = start_trackers(settings, run_dir) if main else None  # W&B / trackio / TensorBoard, if chosen
@@ -270,8 +269,9 @@ def _steps(loop: Loop, model: nn.Module, ddp: DistributedDataParallel | None, pr
                             refresh=False)
         if step % s.log_interval == 0 or step == iterations or update is not None:
             row = {"step": step, "loss": window_loss / window_steps, "lr": lr,
-                   "target_sparsity": target, "achieved_sparsity": sparsity,
-                   "step_time_s": window_time / max(timed, 1), f"{task.item_unit}_per_s": throughput}
+                   "target_sparsity": target, "achieved_sparsity": sparsity}
+            if timed:  # a window of only the compiling step has no training speed to report
+                row.update({"step_time_s": window_time / timed, f"{task.item_unit}_per_s": throughput})
             if update is not None:
                 row["mask_update"] = True
                 row["pruned_count"] = update.pruned_count

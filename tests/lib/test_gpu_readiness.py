@@ -193,3 +193,19 @@ def test_spt_explores_without_waiting_for_the_device_and_restores_weights_exactl
     spt.generator.set_state(generator_state)
     again = torch.rand(params[0].shape, generator=spt.generator) < 0.3
     assert torch.equal(explored[0], again & ~pruned[0])
+
+
+@pytest.mark.slow  # compiling takes tens of seconds on a CPU
+def test_the_compiling_step_is_kept_out_of_the_training_speed(tmp_path, capsys):
+    import json
+
+    from lib.results import read_metrics
+    from tests.lib.test_loop_features import _run_small
+
+    run_dir = _run_small(tmp_path, capsys, "--compile")  # a row every step
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["step"] == 1 and "samples_per_s" not in rows[0] and "step_time_s" not in rows[0]
+    assert all(r["samples_per_s"] > 0 for r in rows[1:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # The first step compiled: it took longer than every later step, and is reported on its own.
+    assert summary["compile_step_s"] > max(r["step_time_s"] for r in rows[1:])
