@@ -202,6 +202,7 @@ def test_the_compiling_step_is_kept_out_of_the_training_speed(tmp_path, capsys):
     from lib.results import read_metrics
     from tests.lib.test_loop_features import _run_small
 
+    torch._dynamo.reset()  # compile afresh: another test may have compiled the same model in this process
     run_dir = _run_small(tmp_path, capsys, "--compile")  # a row every step
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
     assert rows[0]["step"] == 1 and "samples_per_s" not in rows[0] and "step_time_s" not in rows[0]
