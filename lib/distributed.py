@@ -71,15 +71,6 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def mean(value: float, device: torch.device) -> float:
-    """The mean of a number over all ranks (the number itself outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
 def mean_(t: torch.Tensor) -> torch.Tensor:
     """`t` averaged over all ranks in place, on its device, without waiting for the result."""
     if dist.is_available() and dist.is_initialized():
