@@ -75,7 +75,7 @@ def build_task(s: Settings, device: torch.device) -> Task:
         gen = torch.Generator().manual_seed(s.seed + 1)
         batches = (val.sample(s.batch_size, gen, device) for _ in range(s.eval_iters))
         # Under DDP each rank evaluates its share of them; one sum over the ranks at the end.
-        total = distributed.shard_sum(((lambda b=b: m(*b)[1]) for b in batches), device)
+        [total] = distributed.shard_sum(((lambda b=b: m(*b)[1]) for b in batches), device)
         val_loss = total / s.eval_iters
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
 

@@ -79,22 +79,26 @@ def mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shard_sum(values: Iterable[Callable[[], torch.Tensor]], device: torch.device) -> float:
-    """The sum of every value, each rank computing its share: item i on rank i % world size.
+def shard_sum(values: Iterable[Callable[[], torch.Tensor]], device: torch.device) -> list[float]:
+    """The element-wise sum of every value, each rank computing its share: item i on rank i % world size.
 
     `values` yields one thunk per item, in the same order on every rank (drawing a batch as it goes,
-    so every rank's generator advances alike); only this rank's thunks run. The partial sums stay
-    on the device and meet in one all-reduce. Models evaluated this way must have no buffers DDP
-    broadcasts in forward (ranks run different numbers of forward passes).
+    so every rank's generator advances alike); only this rank's thunks run, each returning a 0-d or
+    1-d tensor of the same length. The partial sums stay on the device and meet in one all-reduce.
+    DDP broadcasts buffers (BatchNorm statistics) at the first forward pass after training only, so
+    every rank needs a share: as many items as ranks or more.
     """
     rank, size = world()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = None
     for i, value in enumerate(values):
         if i % size == rank:
-            total += value().detach().double()
+            v = value().detach().double().reshape(-1)
+            total = v if total is None else total + v
+    if total is None:
+        raise KpruneError(f"rank {rank} has nothing to evaluate: fewer evaluation batches than the {size} ranks")
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
-    return total.item()
+    return total.tolist()
 
 
 def step_stats(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:

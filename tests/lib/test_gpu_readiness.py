@@ -82,6 +82,11 @@ def test_cpu_runs_leave_the_backends_alone(restore_backends):
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
 
 
+def test_a_rank_without_evaluation_batches_is_refused():
+    with pytest.raises(KpruneError, match="fewer evaluation batches than"):
+        distributed.shard_sum(iter([]), CPU)
+
+
 def test_one_process_step_stats_are_the_loss_and_the_local_flag():
     loss = torch.tensor(1.25, dtype=torch.float64)
     assert distributed.step_stats(loss, False) == (1.25, False)
@@ -129,7 +134,7 @@ def _count_allreduces(rank: int, port: int, accum: int, steps: int, out) -> None
         loss, anywhere = distributed.step_stats(torch.tensor(float(rank), dtype=torch.float64), rank == 1)
         # Validation: each rank evaluates its share of the batches, the sum is everyone's.
         evaluated = []
-        total = distributed.shard_sum(((lambda i=i: evaluated.append(i) or torch.tensor(float(i))) for i in range(5)),
+        total = distributed.shard_sum(((lambda i=i: evaluated.append(i) or torch.tensor([float(i), 1.0])) for i in range(5)),
                                       CPU)
         out.put((rank, len(calls), buckets, loss, anywhere, total, evaluated))
     finally:
@@ -152,7 +157,7 @@ def test_ddp_all_reduces_once_per_optimizer_step_and_shards_evaluation():
     for rank, calls, buckets, loss, anywhere, total, evaluated in results:
         assert calls == 3 * 1, f"rank {rank}: {calls} gradient all-reduces for 3 steps of 4 micro-batches"
         assert loss == 0.5 and anywhere is True
-        assert total == 0 + 1 + 2 + 3 + 4 and evaluated == [[0, 2, 4], [1, 3]][rank]
+        assert total == [0 + 1 + 2 + 3 + 4, 5] and evaluated == [[0, 2, 4], [1, 3]][rank]
 
 
 def test_masking_uses_whole_tensors_on_a_gpu_and_cache_sized_chunks_on_the_cpu():
