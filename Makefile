@@ -5,9 +5,18 @@
 .DEFAULT_GOAL := train
 SHELL := /bin/bash
 PYTHON ?= python3
+# VENV= (empty) runs PYTHON as it is, e.g. a GPU node's own Python with its CUDA torch:
+# nothing is installed, scripts.check_env names what is missing and the pip command.
 VENV := .venv
+ifeq ($(strip $(VENV)),)
+PY := $(PYTHON)
+STAMP := check-env
+REQUIRE := $(PY) -m scripts.check_env
+else
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+REQUIRE := $(PY) -m pip install --quiet -r
+endif
 KCONFIG := $(PY) -m scripts.kconfig
 DEFCONFIGS := $(notdir $(wildcard defconfigs/*))
 
@@ -22,7 +31,7 @@ $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval expo
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare export sample \
-        data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference \
+        data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference check-env check-gpu bench-gpu \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
 help:
@@ -51,15 +60,25 @@ help:
 	@echo "  sample             text from a GPT-2 run's final model: RESULTS=<run dir> PROMPT=\"...\" [MAX_NEW_TOKENS TEMPERATURE TOP_K SAMPLE_SEED]"
 	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2), bench-inference"
 	@echo "  bench-inference    forward latency and memory: dense vs pruned 124M-shaped GPT-2, or a run's model (RESULTS=<run dir>)"
+	@echo "  check-gpu          pass/fail of every CUDA path on this machine's GPU (says so and exits 0 without one)"
+	@echo "  bench-gpu          GPT-2 124M tokens/s and MFU on the GPU, dense and pruned, and 2:4 latency"
 	@echo "  data-cifar10       download and verify CIFAR-10 into data/cifar/ (also data-cifar100)"
 	@echo "  data-gpt2          prepare GPT-2 tokens: DATASET=finewebedu|tinystories|openwebtext|custom [DATA_PATH=...]"
 	@echo "  test               run the test suite"
 	@echo "  test-fast          run the tests not marked slow (under a minute)"
 	@echo "  clean              remove results/, prepared data and caches (keeps .venv and .config)"
 	@echo "Overrides: make train SET=\"MAX_ITERS=100 LR=3e-4\" (validated, written to .config first)"
+	@echo "An existing Python instead of .venv: make <target> PYTHON=python3 VENV="
 
 install: $(STAMP)
 
+ifeq ($(strip $(VENV)),)
+check-env:
+	@$(PY) -m scripts.check_env
+
+install-trackers: check-env
+	@$(REQUIRE) requirements-trackers.txt
+else
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -72,6 +91,7 @@ install-trackers: $(VENV)/.trackers-installed
 $(VENV)/.trackers-installed: requirements-trackers.txt $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-trackers.txt
 	@touch $@
+endif
 
 $(addprefix defconfig-,$(DEFCONFIGS)): defconfig-%: $(STAMP)
 	@$(KCONFIG) defconfig $*
@@ -111,7 +131,7 @@ data-cifar10 data-cifar100: data-%: $(STAMP)
 # The hub corpora (lib/data/corpora.py HUB_DATASETS) need requirements-hub.txt.
 HUB_DATASETS := finewebedu tinystories openwebtext
 data-gpt2: $(STAMP)
-	@$(if $(filter $(HUB_DATASETS),$(DATASET)),$(PY) -m pip install --quiet -r requirements-hub.txt)
+	@$(if $(filter $(HUB_DATASETS),$(DATASET)),$(REQUIRE) requirements-hub.txt)
 	@$(PY) -m scripts.prepare_gpt2_data
 
 bench: bench-pruning bench-train bench-inference
@@ -122,6 +142,13 @@ bench-pruning: $(STAMP)
 # RESULTS=<run dir>: the run's model against its smaller self (bench/inference.py).
 bench-inference: $(STAMP)
 	@$(PY) -m bench.inference
+
+# Both say so and exit 0 on a machine without CUDA.
+check-gpu: $(STAMP)
+	@$(PY) -m scripts.check_gpu
+
+bench-gpu: $(STAMP)
+	@$(PY) -m bench.gpu
 
 bench-train: $(STAMP) install-trackers  # its tracker arm runs W&B, trackio and TensorBoard
 	@$(PY) -m bench.train
@@ -153,10 +180,10 @@ demo: $(STAMP)
 
 # PYTEST_ARGS reaches pytest as PYTEST_ADDOPTS, which pytest splits itself: no shell sees it.
 test: $(STAMP)
-	@PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
+	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
 
 test-fast: $(STAMP)
-	@PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"
+	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf results data/prepared .pytest_cache

@@ -105,7 +105,9 @@ def build_task(s: Settings, device: torch.device) -> Task:
     def evaluate(m) -> dict:
         # The same validation batches at every evaluation: curves compare like with like.
         gen = torch.Generator().manual_seed(s.seed + 1)
-        total = sum(m(*val.sample(s.batch_size, gen, device))[1].item() for _ in range(s.eval_iters))
+        batches = (val.sample(s.batch_size, gen, device) for _ in range(s.eval_iters))
+        # Under DDP each rank evaluates its share of them; one sum over the ranks at the end.
+        [total] = distributed.shard_sum(((lambda b=b: m(*b)[1]) for b in batches), device)
         val_loss = total / s.eval_iters
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
 

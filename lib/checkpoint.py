@@ -45,12 +45,14 @@ class Progress:
     last_loss: float = float("nan")
     items_per_step: int = 0  # per optimizer step: micro-batch items x accumulation steps
     data_state: dict | None = None  # the data position after the last batch consumed (with prefetching)
+    compile_step_s: float | None = None  # the first step under COMPILE (mostly compiling), kept out of throughput
 
 
 def rng_state() -> dict:
+    """This process's RNG states; on CUDA, only its own device's (each rank saves its own)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -58,8 +60,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if isinstance(cuda, list):  # older checkpoints hold every visible device's state
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def own_rng_state(saved: dict | list, rank: int) -> dict:
+    """This rank's entry of a checkpoint's RNG states (one per rank, in rank order)."""
+    return saved[rank] if isinstance(saved, list) else saved  # a dict: written before per-rank states
 
 
 def save(run_dir: Path, payload: dict) -> Path:
@@ -123,6 +135,7 @@ def load(run_dir: Path, model_name: str, settings: dict) -> dict:
 def save_run(run_dir: Path | None, settings, task, optimizer, pruner, progress: Progress) -> None:
     """Checkpoint the run at `progress.step`. Every rank takes part (each has its own data position)."""
     data = distributed.gather(progress.data_state if progress.data_state is not None else task.data_state())
+    rngs = distributed.gather(rng_state())  # each rank's own: dropout streams differ between ranks
     if run_dir is None:  # ranks other than 0 write nothing
         return
     save(run_dir, {
@@ -130,7 +143,7 @@ def save_run(run_dir: Path | None, settings, task, optimizer, pruner, progress: 
         "config": (run_dir / "config").read_text(encoding="utf-8"),
         "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
         "pruner": pruner.state_dict() if pruner is not None else None,
-        "rng": rng_state(), "data": data,
+        "rng": rngs, "data": data,
         "loop": {"train_time_s": progress.train_time_s, "last_eval": progress.last_eval,
                  "last_loss": progress.last_loss},
     })
@@ -150,7 +163,7 @@ def resume_run(run_dir: Path, settings, task, optimizer, pruner, progress: Progr
     if len(payload["data"]) != size:
         raise KpruneError(f"{run_dir} was checkpointed by {len(payload['data'])} processes, not {size}")
     task.load_data_state(payload["data"][rank])
-    set_rng_state(payload["rng"])
+    set_rng_state(own_rng_state(payload["rng"], rank))
     progress.step = payload["step"]
     progress.train_time_s = payload["loop"]["train_time_s"]
     progress.last_eval, progress.last_loss = payload["loop"]["last_eval"], payload["loop"]["last_loss"]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib import distributed
+
 
 def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
@@ -13,11 +15,12 @@ def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> dict:
-    """Mean loss and accuracy over the whole held-out set."""
-    total_loss, correct = 0.0, 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+    """Mean loss and accuracy over the whole held-out set (under DDP each rank takes a share of the batches)."""
+    def sums(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         xb, yb = xb.to(device), yb.to(device)
         logits = model(xb).float()
-        total_loss += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += int((logits.argmax(1) == yb).sum())
-    return {"val_loss": total_loss / len(y), "val_accuracy": correct / len(y)}
+        loss = F.cross_entropy(logits, yb, reduction="sum").double()
+        return torch.stack([loss, (logits.argmax(1) == yb).sum().double()])
+    batches = zip(x.split(batch_size), y.split(batch_size))
+    total_loss, correct = distributed.shard_sum(((lambda b=b: sums(*b)) for b in batches), device)
+    return {"val_loss": total_loss / len(y), "val_accuracy": int(correct) / len(y)}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
 import torch
 
+from lib import distributed
 from lib.errors import KpruneError
 
 
@@ -29,9 +31,6 @@ def seed_everything(seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
-        # Same results from run to run on one GPU, at a small cost in speed.
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
 
 
 def set_threads(threads: int) -> None:
@@ -62,18 +61,50 @@ def keep_freed_memory() -> bool:
 
 
 def configure_backends(s, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = s.tf32
-        torch.backends.cudnn.allow_tf32 = s.tf32
+    """TF32 and determinism on CUDA, as `s` says; the CPU needs neither (its kernels are deterministic)."""
+    if device.type != "cuda":
+        return
+    # The fp32_precision API (torch >= 2.9): the older allow_tf32 flags are deprecated, and mixing
+    # the two APIs is an error under torch.compile.
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        precision = "tf32" if s.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # an older torch on a GPU node's own environment
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = s.tf32
+    if s.deterministic:
+        # cuBLAS reads this when it creates its handle, at the first matmul: still ahead of us here.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(s.deterministic)
+    torch.backends.cudnn.deterministic = s.deterministic
+    torch.backends.cudnn.benchmark = not s.deterministic  # autotuning picks the fastest, run to run varying
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` has real bf16 arithmetic (CUDA compute capability 8.0+, i.e. Ampere and newer).
+
+    torch.cuda.is_bf16_supported() also says yes on older GPUs, where bf16 is emulated and slower than fp32.
+    """
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def autocast_for(s, device: torch.device):
     """A context-manager factory: bf16 autocast where configured, else a no-op."""
-    use_bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda"
-                                          and torch.cuda.is_bf16_supported())
+    use_bf16 = s.precision == "bf16" or (s.precision == "auto" and bf16_supported(device))
     if not use_bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so a clock read after it bills them to the right step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def with_precision(precision, loss_fn):
@@ -82,3 +113,18 @@ def with_precision(precision, loss_fn):
         with precision():
             return loss_fn(m, batch)
     return loss
+
+
+def prepare_process(s) -> torch.device:
+    """Set this process up to train as `s` says (process group under torchrun, threads, seeds, backends);
+    returns the device it trains on."""
+    if distributed.launched_by_torchrun():
+        device = distributed.init(s.device, s.ddp_backend, s.ddp_nproc_per_node * s.ddp_nnodes)
+    else:
+        device = pick_device(s.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    set_threads(s.threads)
+    seed_everything(s.seed, device)
+    configure_backends(s, device)
+    return device

@@ -12,14 +12,16 @@ rank 0 writes results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from lib.errors import KpruneError
 
@@ -96,20 +98,35 @@ def slurm_node(env: Mapping[str, str], nnodes: int, port: int,
     return SlurmNode(nnodes=nnodes, node_rank=nodes.index(here), master_addr=nodes[0], master_port=moved)
 
 
-def init(backend: str, expected_world: int) -> torch.device | None:
-    """Join the process group torchrun set up; returns this rank's CUDA device, if any."""
+def placement(device: str, backend: str, gpus: int, local_rank: int) -> tuple[str, torch.device]:
+    """(backend, this rank's device) for DEVICE=`device` and DDP_BACKEND=`backend` with `gpus` visible.
+
+    DEVICE=cpu trains on the CPU with gloo, GPUs or not. Otherwise CUDA is used when there is a GPU,
+    each rank on cuda:LOCAL_RANK whatever the backend; `auto` means nccl on CUDA and gloo on the CPU.
+    """
+    cuda = device != "cpu" and gpus > 0
+    if device == "cuda" and not cuda:
+        raise KpruneError("DEVICE=cuda but torch sees no CUDA GPU; set DEVICE=auto or DEVICE=cpu")
+    if backend == "nccl" and not cuda:
+        why = "DEVICE=cpu trains on the CPU" if device == "cpu" else "torch sees no CUDA GPU"
+        raise KpruneError(f"DDP_BACKEND=nccl needs CUDA GPUs but {why}: set DDP_BACKEND=gloo (or auto)")
+    if not cuda:
+        return "gloo", torch.device("cpu")
+    if local_rank >= gpus:
+        raise KpruneError(f"rank with LOCAL_RANK={local_rank} has no GPU of its own ({gpus} visible): "
+                          f"set DDP_NPROC_PER_NODE to at most {gpus}")
+    return ("nccl" if backend == "auto" else backend), torch.device("cuda", local_rank)
+
+
+def init(device_setting: str, backend: str, expected_world: int) -> torch.device:
+    """Join the process group torchrun set up; returns this rank's device."""
     size = int(os.environ["WORLD_SIZE"])
     if size != expected_world:
         raise KpruneError(f"torchrun started {size} processes but DDP_NPROC_PER_NODE x DDP_NNODES is "
                           f"{expected_world}: start runs with make train so the two agree")
-    cuda = torch.cuda.is_available()
-    if backend == "auto":
-        backend = "nccl" if cuda else "gloo"
-    if backend == "nccl" and not cuda:
-        raise KpruneError("DDP_BACKEND=nccl needs CUDA GPUs; use gloo (or auto) on CPUs")
-    device = None
-    if cuda and backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    gpus = torch.cuda.device_count() if device_setting != "cpu" else 0
+    backend, device = placement(device_setting, backend, gpus, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
     return device
@@ -120,13 +137,57 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def mean(value: float, device: torch.device) -> float:
-    """The mean of a number over all ranks (the number itself outside torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+def mean_(t: torch.Tensor) -> torch.Tensor:
+    """`t` averaged over all ranks in place, on its device, without waiting for the result."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def shard_sum(values: Iterable[Callable[[], torch.Tensor]], device: torch.device) -> list[float]:
+    """The element-wise sum of every value, each rank computing its share: item i on rank i % world size.
+
+    `values` yields one thunk per item, in the same order on every rank (drawing a batch as it goes,
+    so every rank's generator advances alike); only this rank's thunks run, each returning a 0-d or
+    1-d tensor of the same length. The partial sums stay on the device and meet in one all-reduce.
+    DDP broadcasts buffers (BatchNorm statistics) at the first forward pass after training only, so
+    every rank needs a share: as many items as ranks or more.
+    """
+    rank, size = world()
+    total = None
+    for i, value in enumerate(values):
+        if i % size == rank:
+            v = value().detach().double().reshape(-1)
+            total = v if total is None else total + v
+    if total is None:
+        raise KpruneError(f"rank {rank} has nothing to evaluate: fewer evaluation batches than the {size} ranks")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def step_stats(loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+    """(the step's loss averaged over ranks, whether any rank was asked to stop), in one reduction.
+
+    `loss` is this rank's step loss, still on the device. The loss and the stop flag travel in one
+    float64 tensor: one all-reduce per step under DDP, and one wait for the device.
+    """
+    flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)
+    value, stop = mean_(torch.stack([loss.detach().double(), flag])).tolist()
+    return value, stop > 0
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel | None:
+    """`model` in DistributedDataParallel under torchrun with more than one rank, else None."""
+    if world()[1] <= 1:
+        return None
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def accumulating(ddp: DistributedDataParallel | None, micro: int, accum: int):
+    """The context for micro-batch `micro` of `accum`: no gradient all-reduce before the last one."""
+    return ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext()
 
 
 def mask_checksum(bits: list[torch.Tensor]) -> int:

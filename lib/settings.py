@@ -63,6 +63,7 @@ class Settings:
     precision: str = _opt("PRECISION")
     compile: bool = _opt("COMPILE")
     tf32: bool = _opt("TF32")
+    deterministic: bool = _opt("DETERMINISTIC")
     data_workers: int = _opt("DATA_WORKERS")
     # Distributed
     ddp_nproc_per_node: int = _opt("DDP_NPROC_PER_NODE")

@@ -264,9 +264,9 @@ class AdamWSPAM(Optimizer):
 
             if clip:
                 limit_sq = exp_avg_sq * theta  # v from before this step's update
-                spiked = grad * grad > limit_sq
-                if spiked.any():
-                    grad = torch.where(spiked, grad.sign() * limit_sq.sqrt(), grad)
+                # Always applied, never `if spiked.any()`: asking would make the host wait for the GPU
+                # once per parameter per step; where nothing spiked, torch.where returns grad itself.
+                grad = torch.where(grad * grad > limit_sq, grad.sign() * limit_sq.sqrt(), grad)
 
             if wd != 0:
                 p.mul_(1 - lr * wd)

@@ -15,10 +15,6 @@ import contextlib
 import signal
 import time
 
-import torch
-
-from lib import distributed
-
 REPEAT_WINDOW_S = 1.0  # the same signal again within this window is a copy of the first request
 
 
@@ -71,12 +67,17 @@ class StopRequest:
         """From here to the end of the run (final checkpoint, summary), signals only get noted."""
         self._finishing = True
 
-    def check(self, device: torch.device) -> None:
-        """Raise Interrupted once a signal came, on every rank at the same step."""
-        requested = self.signal_name is not None
-        if distributed.world()[1] > 1:  # ranks may see the signal at different steps: agree first
-            requested = distributed.mean(float(requested), device) > 0
-        if requested:
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def check(self, anywhere: bool | None = None) -> None:
+        """Raise Interrupted once a signal came.
+
+        Under DDP, ranks may see a signal at different steps: `anywhere` is then whether any rank
+        saw one, agreed on by all (the training loop reduces it with the step's loss).
+        """
+        if self.requested if anywhere is None else anywhere:
             raise Interrupted(self.signal_name or "a signal to another rank")
 
     def restore(self) -> None:

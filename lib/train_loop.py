@@ -9,7 +9,6 @@ lib/summary.py, signal handling in lib/stop.py, the final model in lib/export.py
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -25,8 +24,7 @@ from tqdm import tqdm
 from lib import checkpoint, distributed, export, optim
 from lib.batches import Prefetcher
 from lib.checkpoint import Progress
-from lib.device import (autocast_for, configure_backends, keep_freed_memory, pick_device, seed_everything, set_threads,
-                        with_precision)
+from lib.device import autocast_for, prepare_process, synchronize, with_precision
 from lib.errors import KpruneError
 from lib.lr import lr_at
 from lib.pruning.build import budget_multiplier, build_pruner
@@ -90,16 +88,7 @@ class Loop:
 
 def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task], command: list[str]) -> int:
     """Train as `settings` says; returns the process exit status."""
-    ddp_device = None
-    if distributed.launched_by_torchrun():
-        ddp_device = distributed.init(settings.ddp_backend, settings.ddp_nproc_per_node * settings.ddp_nnodes)
-    rank, _ = distributed.world()
-    device = ddp_device or pick_device(settings.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    set_threads(settings.threads)
-    seed_everything(settings.seed, device)
-    configure_backends(settings, device)
+    device = prepare_process(settings)
     task = build_task(settings, device)
     task.model.to(device)
     if device.type == "cuda":
@@ -114,7 +103,7 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
     iterations = int(round(settings.max_iters * multiplier))
     progress = Progress(items_per_step=task.items_per_step * settings.grad_accum_steps)
 
-    main = rank == 0  # only rank 0 writes results, and holds the run directory's lock
+    main = distributed.world()[0] == 0  # only rank 0 writes results, and holds the run directory's lock
     run_dir, lock = open_run_dir(settings, task, command, main)
     try:
         trackers = start_trackers(settings, run_dir) if main else None  # W&B / trackio / TensorBoard, if chosen
@@ -177,7 +166,7 @@ def _run_loop(loop: Loop, summary: dict) -> int:
             if loop.metrics is not None:
                 loop.metrics.close()
             summary.update(final_summary(loop.task, loop.optimizer, loop.pruner, st))
-            summary["status"] = status
+            summary["status"], summary["compile_step_s"] = status, st.compile_step_s
             summary["world_size"] = distributed.world()[1]
             summary.update(export.write_final_model(loop.run_dir, loop.task, loop.pruner, status, st.step))
             if loop.run_dir is not None:
@@ -196,9 +185,8 @@ def _train(loop: Loop) -> None:
     # DDP and the compiled module share the parameters: optimizer and masks act on them directly.
     s, task, st = loop.settings, loop.task, loop.progress
     device = next(task.model.parameters()).device
-    model = task.model
-    if distributed.world()[1] > 1:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = distributed.wrap(task.model, device)  # kept: its no_sync() serves the compiled wrapper too
+    model = ddp or task.model
     model = torch.compile(model) if s.compile else model
     precision = autocast_for(s, device)
     prefetcher = Prefetcher(task.next_batch, s.data_workers, snapshot=task.data_state) if s.data_workers else None
@@ -210,13 +198,13 @@ def _train(loop: Loop) -> None:
         st.data_state = prefetcher.last_snapshot  # the position after this batch, for a checkpoint
         return batch
     try:
-        _steps(loop, model, precision, next_batch)
+        _steps(loop, model, ddp, precision, next_batch)
     finally:
         if prefetcher is not None:
             prefetcher.close()
 
 
-def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tuple]) -> None:
+def _steps(loop: Loop, model: nn.Module, ddp: DistributedDataParallel | None, precision, next_batch) -> None:
     s, task, optimizer, pruner, st = loop.settings, loop.task, loop.optimizer, loop.pruner, loop.progress
     iterations = loop.iterations
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -226,32 +214,33 @@ def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tup
     bar = tqdm(total=iterations, disable=not interactive, dynamic_ncols=True, leave=True, unit="step")
     talk = distributed.world()[0] == 0  # one rank reports
     print_eval = bar.write if interactive else (lambda m: talk and print(m, file=sys.stderr, flush=True))
-    window_time, window_steps, window_loss = 0.0, 0, 0.0
+    window_time, window_steps, window_loss, timed = 0.0, 0, 0.0, 0
     if st.step == 0:
         _evaluate(loop, model, precision, 0, 0.0, 0.0, print_eval)  # where training starts from
     bar.update(st.step)
-    for step in range(st.step + 1, iterations + 1):
+    first = st.step + 1
+    for step in range(first, iterations + 1):
+        synchronize(device)  # the clock bills each step its own kernels
         t0 = time.perf_counter()
         lr = lr_at(step, s.lr, s.min_lr, s.lr_warmup_iters, iterations)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device
         for micro in range(accum):  # gradients of `accum` micro-batches add up to one step
             batch = next_batch()
             # Under DDP, gradients are averaged across ranks once, on the last micro-batch.
-            sync = micro == accum - 1 or not isinstance(model, DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else model.no_sync()), precision():
+            with distributed.accumulating(ddp, micro, accum), precision():
                 loss = task.loss(model, batch)
                 (loss / accum).backward()
-            micro_loss = loss.item()  # one sync per micro-batch: divergence is caught at once
-            loss_value += micro_loss / accum
-        loss_value = distributed.mean(loss_value, device)  # every rank decides alike
+            step_loss += loss.detach().double() / accum
+        # One reduction (loss and stop flag) and one wait per step; every rank decides alike.
+        loss_value, stop_anywhere = distributed.step_stats(step_loss, loop.stop.requested)
         if not math.isfinite(loss_value):
             raise Diverged(step, loss_value, s.grad_clip)
         if pruner is not None:
-            pruner.observe(Observation(step, model, batch, with_precision(precision, task.loss), micro_loss))
+            pruner.observe(Observation(step, model, batch, with_precision(precision, task.loss), loss.detach()))
             pruner.after_backward()
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -259,20 +248,25 @@ def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tup
         update = pruner.after_step(step) if pruner is not None else None
         if update is not None:
             distributed.check_masks_agree(pruner.masks.bits, step)
+        synchronize(device)
         dt = time.perf_counter() - t0
         st.step, st.train_time_s, st.last_loss = step, st.train_time_s + dt, loss_value
-        window_time, window_steps, window_loss = window_time + dt, window_steps + 1, window_loss + loss_value
-
+        window_steps, window_loss = window_steps + 1, window_loss + loss_value
+        if s.compile and step == first:  # compiling, not training: kept out of the throughput
+            st.compile_step_s = dt
+        else:  # the step's own time (synchronized above: no kernels of another step in it)
+            window_time, timed = window_time + dt, timed + 1
         sparsity = pruner.achieved_sparsity if pruner is not None else 0.0
         target = pruner.schedule.target(step) if pruner is not None else 0.0
-        throughput = window_steps * task.items_per_step * accum / window_time
+        throughput = timed * task.items_per_step * accum / window_time if timed else 0.0
         bar.update(1)
         bar.set_postfix_str(f"loss {loss_value:.3f} sparsity {sparsity:.3f} {throughput:,.0f} {task.item_unit}/s",
                             refresh=False)
         if step % s.log_interval == 0 or step == iterations or update is not None:
             row = {"step": step, "loss": window_loss / window_steps, "lr": lr,
-                   "target_sparsity": target, "achieved_sparsity": sparsity,
-                   "step_time_s": window_time / window_steps, f"{task.item_unit}_per_s": throughput}
+                   "target_sparsity": target, "achieved_sparsity": sparsity}
+            if timed:  # a window of only the compiling step has no training speed to report
+                row.update({"step_time_s": window_time / timed, f"{task.item_unit}_per_s": throughput})
             if update is not None:
                 row["mask_update"] = True
                 row.update(update.metrics())
@@ -280,12 +274,12 @@ def _steps(loop: Loop, model: nn.Module, precision, next_batch: Callable[[], tup
             if not interactive and talk:
                 print(f"step {step}/{iterations} loss {row['loss']:.4f} lr {lr:.2e} "
                       f"sparsity {sparsity:.4f} {throughput:,.0f} {task.item_unit}/s", file=sys.stderr, flush=True)
-            window_time, window_steps, window_loss = 0.0, 0, 0.0
+            window_time, window_steps, window_loss, timed = 0.0, 0, 0.0, 0
         if step % s.eval_interval == 0 or step == iterations:
             _evaluate(loop, model, precision, step, target, sparsity, print_eval)
         if s.checkpoint_interval and step % s.checkpoint_interval == 0 and step < iterations:
             loop.save()
-        loop.stop.check(device)
+        loop.stop.check(stop_anywhere if distributed.world()[1] > 1 else None)
     bar.close()
 
 

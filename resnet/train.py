@@ -88,8 +88,6 @@ def build_task(s: Settings, device: torch.device) -> Task:
     test_x, test_y = load_cifar(data_dir, s.resnet_dataset, "test")
     train_x, test_x = _normalised(train_x, s.resnet_dataset), _normalised(test_x, s.resnet_dataset)
     train_y, test_y = torch.from_numpy(train_y), torch.from_numpy(test_y)
-    if device.type == "cuda":  # batches are cut on the CPU and copied asynchronously
-        train_x, train_y = train_x.pin_memory(), train_y.pin_memory()
     model = build_model(s)
     gen = torch.Generator().manual_seed(s.seed)
     sampler = EpochSampler(len(train_y), s.batch_size, gen)  # the same generator also draws augmentations
@@ -99,7 +97,7 @@ def build_task(s: Settings, device: torch.device) -> Task:
         x, y = train_x[idx], train_y[idx]
         if s.resnet_augment:
             x = augment(x, gen)
-        if device.type == "cuda":
+        if device.type == "cuda":  # each batch is a new tensor: pinned, so its copy overlaps compute
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 

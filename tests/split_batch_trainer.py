@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib import distributed
+from lib.classification import evaluate
 from lib.cli import trainer_main
 from lib.settings import Settings
 from lib.train_loop import Task
@@ -43,15 +44,12 @@ def build_task(s: Settings, device: torch.device) -> Task:
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         return x[mine].to(device), y[mine].to(device)
 
-    def evaluate(m) -> dict:
-        logits = m(val_x.to(device))
-        return {"val_loss": F.cross_entropy(logits, val_y.to(device)).item(),
-                "val_accuracy": (logits.argmax(1).cpu() == val_y).float().mean().item()}
-
     return Task(name="split-batch", model=model, prunable=[(n, p) for n, p in model.named_parameters()
                                                             if n.endswith(".weight")],
                 group_of=lambda n: n.split(".")[0], next_batch=next_batch,
-                loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]), evaluate=evaluate, items_per_step=per_rank,
+                loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                evaluate=lambda m: evaluate(m, val_x, val_y, 16, device),  # 4 batches: 2 per rank under DDP
+                items_per_step=per_rank,
                 item_unit="samples", quality_key="val_accuracy")
 
 

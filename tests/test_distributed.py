@@ -153,6 +153,10 @@ def test_two_processes_reproduce_one_process_with_the_same_global_batch(tmp_path
     losses = [(a["loss"], b["loss"]) for a, b in zip(one_rows, two_rows) if "loss" in a]
     assert len(losses) == 10 and [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
     assert all(abs(a - b) <= TIGHT * abs(a) for a, b in losses), losses
+    # Validation split across the ranks (2 of its 4 batches each) gives the single process's figures.
+    evals = [(a, b) for a, b in zip(one_rows, two_rows) if "val_loss" in a]
+    assert len(evals) == 2 and all(abs(a["val_loss"] - b["val_loss"]) <= TIGHT * a["val_loss"]
+                                   and a["val_accuracy"] == b["val_accuracy"] for a, b in evals), evals
     # A wrong average (the sum over two ranks, or half the mean) scales SGD's step like LR x2 or /2:
     # far outside the tolerance, so the comparison above catches it.
     for lr in ("0.2", "0.05"):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lib import results
 from lib.errors import KpruneError
+from lib.matrix.gpus import gpu_for, sharing_note, visible_gpus
 from lib.matrix.plan import Plan, plan_table
 from lib.results import write_json_atomic, write_text_atomic
 from lib.run_dir import set_aside
@@ -109,16 +110,13 @@ def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
 
 class Runner:
     def __init__(self, matrix_dir: Path, plan: Plan, jobs: int = 1, cpu_count: int | None = None,
-                 gpus: int | None = None):
+                 gpus: list[str] | None = None):
         self.matrix_dir, self.plan = Path(matrix_dir), plan
         self.jobs = max(1, jobs)
         cpus = cpu_count or os.cpu_count() or 1
         self.threads = max(1, cpus // self.jobs)
-        if gpus is None:
-            import torch
-
-            gpus = torch.cuda.device_count()
-        self.gpus = gpus
+        self.gpus = visible_gpus() if gpus is None else gpus  # CUDA_VISIBLE_DEVICES entries
+        self.gpu_sharing = sharing_note(self.jobs, self.gpus)
         self.lock = threading.Lock()
         self.status: dict[str, dict] = {}
         self.children: set[subprocess.Popen] = set()
@@ -136,6 +134,8 @@ class Runner:
         done = len(self.plan.runs) - len(todo)
         print(f"test matrix {self.matrix_dir}: {len(self.plan.runs)} runs, {done} already complete, "
               f"{len(todo)} to run, {self.jobs} at a time with {self.threads} threads each", flush=True)
+        if self.gpu_sharing:
+            print(f"warning: {self.gpu_sharing}", flush=True)
         self._save()
         slots = list(range(self.jobs))
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -159,7 +159,7 @@ class Runner:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
             env[ENV_GROUP] = self.matrix_dir.name  # trackers group a matrix's runs (TRACK_GROUP overrides)
             if self.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
+                env["CUDA_VISIBLE_DEVICES"] = gpu_for(slot, self.gpus)
             argv = start_command(self.matrix_dir, run, self.threads)
             log_path = self.matrix_dir / "logs" / f"{run.id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,8 @@ class Runner:
                 slots.append(slot)
 
     def _save(self) -> None:
-        write_json_atomic(self.matrix_dir / "status.json", {"runs": self.status})
+        extra = {"gpu_sharing": self.gpu_sharing} if self.gpu_sharing else {}
+        write_json_atomic(self.matrix_dir / "status.json", {"runs": self.status, **extra})
 
     def _stop_all(self) -> None:
         self.stopping = True

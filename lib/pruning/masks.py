@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 CHUNK = 1 << 20  # elements per pass chunk: the chunk's temporaries stay in cache; a multiple of 8
+# On a GPU cache blocking buys nothing and every chunk costs kernel launches: whole tensors, up to
+# this many elements (more than any GPT-2 124M weight; caps the temporaries). A multiple of 8.
+GPU_CHUNK = 1 << 27
 _BIT_WEIGHTS = None
 _UNPACK_TABLE = None
 _POPCOUNT = None
@@ -69,10 +72,14 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     return table.index_select(0, bits.int()).view(-1)[:n]
 
 
-def chunks(n: int) -> Iterator[tuple[int, int]]:
-    """(start, length) pieces of CHUNK elements covering 0..n."""
-    for start in range(0, n, CHUNK):
-        yield start, min(CHUNK, n - start)
+def chunk_size(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
+
+
+def chunks(n: int, size: int = CHUNK) -> Iterator[tuple[int, int]]:
+    """(start, length) pieces of `size` elements covering 0..n."""
+    for start in range(0, n, size):
+        yield start, min(size, n - start)
 
 
 class PrunedView:
@@ -172,8 +179,8 @@ class MaskSet:
                 continue
             w, g = p.detach().view(-1), g.view(-1)
             if scratch is None or scratch.device != g.device:
-                scratch = torch.empty(CHUNK, dtype=torch.bool, device=g.device)
-            for start, n in chunks(w.numel()):
+                scratch = torch.empty(chunk_size(g.device), dtype=torch.bool, device=g.device)
+            for start, n in chunks(w.numel(), scratch.numel()):
                 g[start:start + n].mul_(torch.ne(w[start:start + n], 0, out=scratch[:n]))
         for p, kept in self.attached:
             if p.grad is not None:
@@ -190,7 +197,7 @@ class MaskSet:
             if not self.any_pruned(i):
                 continue
             flats = [t.view(-1) for t in targets]
-            for start, n in chunks(p.numel()):
+            for start, n in chunks(p.numel(), chunk_size(p.device)):
                 kept = self.pruned_chunk(i, start, n).logical_not_()
                 for t in flats:
                     t[start:start + n].mul_(kept)

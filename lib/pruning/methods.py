@@ -34,7 +34,7 @@ class Observation:
     model: nn.Module
     batch: tuple
     loss_fn: Callable[[nn.Module, tuple], torch.Tensor]
-    loss: float
+    loss: float | torch.Tensor  # the last micro-batch's loss (a 0-d tensor from the training loop)
 
 
 class Method:
@@ -98,6 +98,14 @@ class Movement(Method):
 
 
 class SPT(Method):
+    """Random exploration of the unpruned weights, scored by the loss their removal causes.
+
+    The draws come from SPT's own generator on the weights' device, seeded alike on every rank
+    (so all ranks explore the same weights) and saved in the checkpoint. Nothing waits for the
+    device: the probe keeps a full copy of each weight to restore it (one copy of the pool's
+    weights while the probe runs), and rewards update with torch.where rather than indexing.
+    """
+
     name = "spt"
 
     def __init__(self, epsilon: float, alpha: float, seed: int, last_step: int):
@@ -105,12 +113,12 @@ class SPT(Method):
             raise ValueError(f"SPT epsilon {epsilon!r} must be in (0, 1] (SPT_EPSILON)")
         if alpha is None or not 0.0 <= alpha < 1.0:
             raise ValueError(f"SPT alpha {alpha!r} must be in [0, 1) (SPT_ALPHA)")
-        self.epsilon, self.alpha, self.last_step = epsilon, alpha, last_step
-        self.generator = torch.Generator().manual_seed(seed)
+        self.epsilon, self.alpha, self.last_step, self.seed = epsilon, alpha, last_step, seed
 
     def bind(self, params, pruned) -> None:
         super().bind(params, pruned)
         self.rewards = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.generator = torch.Generator(device=params[0].device).manual_seed(self.seed)
 
     @torch.no_grad()
     def observe(self, obs: Observation) -> None:
@@ -118,26 +126,27 @@ class SPT(Method):
             return
         explored, saved = [], []
         for p, m in zip(self.params, self.pruned):
-            pick = torch.rand(p.shape, generator=self.generator).to(p.device) < self.epsilon
+            pick = torch.rand(p.shape, generator=self.generator, device=p.device) < self.epsilon
             pick &= ~m
             explored.append(pick)
-            saved.append(p[pick].clone())
+            saved.append(p.detach().clone())
             p.masked_fill_(pick, 0.0)
         # Its own RNG stream: exploring must not change the dropout masks training sees. And the
         # model's buffers as they were: the probe is not a training step, so BatchNorm's running
         # statistics and batch count (or any other buffer a forward pass updates) must not move.
         buffers = [b.clone() for b in obs.model.buffers()]
-        devices = [obs.batch[0].device] if obs.batch[0].is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            removed_loss = obs.loss_fn(obs.model, obs.batch).item()
+        device = obs.batch[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            removed_loss = obs.loss_fn(obs.model, obs.batch).detach()
         for b, before in zip(obs.model.buffers(), buffers):
             b.copy_(before)
-        for p, pick, values in zip(self.params, explored, saved):
-            p[pick] = values
+        for p, values in zip(self.params, saved):
+            p.copy_(values)  # only the explored weights differ: copying all restores them exactly
         # Under DDP each rank saw its own batch: average, so every rank keeps the same rewards.
-        reward = distributed.mean(removed_loss - obs.loss, obs.batch[0].device)
+        reward = distributed.mean_(removed_loss.double() - torch.as_tensor(obs.loss, dtype=torch.float64,
+                                                                          device=removed_loss.device))
         for r, pick in zip(self.rewards, explored):
-            r[pick] = self.alpha * r[pick] + (1.0 - self.alpha) * reward
+            r.copy_(torch.where(pick, self.alpha * r + (1.0 - self.alpha) * reward, r))
 
     def score(self, index, w, state, out, ctx) -> None:
         out.copy_(self.rewards[index])

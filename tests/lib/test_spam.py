@@ -352,3 +352,34 @@ def test_state_dict_round_trip_continues_the_same_trajectory():
         opt_b.step()
         assert opt_a.rewarm_factor() == opt_b.rewarm_factor()
     assert torch.equal(a[0], b[0])
+
+
+
+def test_a_step_never_asks_the_device_whether_anything_spiked(monkeypatch):
+    # On a GPU, `if tensor` waits for the device: once per parameter per step. The clip is applied
+    # unconditionally instead, and gives, bit for bit, what clipping only the spiked elements gives.
+    theta, beta2 = 5000.0, 0.999
+    params = _params([(64, 32), (32,)], seed=3)
+    opt = AdamWSPAM(params, lr=1e-3, theta=theta, interval=1000, warmup=10)
+    g = torch.Generator().manual_seed(4)
+    for call in range(SPIKE_CLIP_DELAY + 3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        if call >= SPIKE_CLIP_DELAY:
+            grads[0][::7, ::5] *= 300.0  # spikes in one parameter, none in the other
+        v_before = [opt.state[p]["exp_avg_sq"].clone() if opt.state[p] else None for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("the step read a tensor's truth value"))
+            opt.step()
+        if call < SPIKE_CLIP_DELAY:
+            continue
+        spiked_counts = []
+        for p, grad, v in zip(params, grads, v_before):
+            limit_sq = v * theta
+            spiked = grad * grad > limit_sq
+            clipped = grad.clone()
+            clipped[spiked] = grad.sign()[spiked] * limit_sq.sqrt()[spiked]
+            spiked_counts.append(int(spiked.sum()))
+            assert torch.equal(opt.state[p]["exp_avg_sq"], v.mul(beta2).addcmul(clipped, clipped, value=1 - beta2))
+        assert spiked_counts[0] > 0 and spiked_counts[1] == 0

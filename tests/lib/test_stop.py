@@ -12,7 +12,6 @@ import torch
 from lib import stop as stop_module
 from lib.stop import Interrupted, StopRequest
 
-CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -28,10 +27,10 @@ def _signal(sig: int) -> None:
 
 
 def test_one_signal_stops_after_the_step(stop):
-    stop.check(CPU)
+    stop.check()
     _signal(signal.SIGTERM)
     with pytest.raises(Interrupted, match="SIGTERM"):
-        stop.check(CPU)
+        stop.check()
 
 
 def test_the_same_signal_twice_at_once_is_one_request(stop):
@@ -42,7 +41,7 @@ def test_the_same_signal_twice_at_once_is_one_request(stop):
     except KeyboardInterrupt:  # would abort the whole pytest session: turn it into this test's failure
         pytest.fail("a copy of the same SIGTERM was taken for 'stop now'")
     with pytest.raises(Interrupted):
-        stop.check(CPU)
+        stop.check()
 
 
 def test_a_later_or_different_second_signal_means_stop_now(stop, monkeypatch):
@@ -70,7 +69,7 @@ def test_once_finishing_signals_are_only_noted(stop):
     _signal(signal.SIGINT)
     _signal(signal.SIGTERM)
     with pytest.raises(Interrupted):
-        stop.check(CPU)
+        stop.check()
 
 
 def test_a_checkpoint_written_while_finishing_does_not_end_the_finishing(stop):
@@ -82,3 +81,14 @@ def test_a_checkpoint_written_while_finishing_does_not_end_the_finishing(stop):
         _signal(signal.SIGINT)  # while the summary is written
     except KeyboardInterrupt:  # would abort the whole pytest session: turn it into this test's failure
         pytest.fail("a signal cut the final summary short")
+
+
+def test_under_ddp_the_agreed_flag_decides_not_the_local_signal(stop):
+    # Ranks stop at the same step: the flag reduced with the step's loss, not what this rank saw.
+    stop.check(anywhere=False)
+    with pytest.raises(Interrupted, match="another rank"):
+        stop.check(anywhere=True)
+    _signal(signal.SIGTERM)
+    stop.check(anywhere=False)  # this rank's signal arrived after the step's reduction: next step
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        stop.check(anywhere=True)
