@@ -65,3 +65,9 @@ def test_lib_has_no_import_circle():
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_training_loop_reads_in_one_sitting():
+    """The one loop stays nanoGPT-sized: checkpoints, summaries, signals and set-up live in their own modules."""
+    lines = (REPO_ROOT / "lib" / "train_loop.py").read_text(encoding="utf-8").count("\n")
+    assert lines < 300, f"lib/train_loop.py has {lines} lines; move what is not the loop into its own module"
