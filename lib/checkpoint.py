@@ -45,7 +45,8 @@ class Progress:
     last_loss: float = float("nan")
     items_per_step: int = 0  # per optimizer step: micro-batch items x accumulation steps
     data_state: dict | None = None  # the data position after the last batch consumed (with prefetching)
-    compile_step_s: float | None = None  # the first step under COMPILE (mostly compiling), kept out of throughput
+    compile_step_s: float = 0.0  # first steps under COMPILE (mostly compiling; one per process), out of throughput
+    compile_steps: int = 0
 
 
 def rng_state() -> dict:
@@ -145,6 +146,7 @@ def save_run(run_dir: Path | None, settings, task, optimizer, pruner, progress: 
         "pruner": pruner.state_dict() if pruner is not None else None,
         "rng": rngs, "data": data,
         "loop": {"train_time_s": progress.train_time_s, "last_eval": progress.last_eval,
+                 "compile_step_s": progress.compile_step_s, "compile_steps": progress.compile_steps,
                  "last_loss": progress.last_loss},
     })
 
@@ -166,6 +168,8 @@ def resume_run(run_dir: Path, settings, task, optimizer, pruner, progress: Progr
     set_rng_state(own_rng_state(payload["rng"], rank))
     progress.step = payload["step"]
     progress.train_time_s = payload["loop"]["train_time_s"]
+    progress.compile_step_s = payload["loop"].get("compile_step_s", 0.0)  # older checkpoints: none recorded
+    progress.compile_steps = payload["loop"].get("compile_steps", 0)
     progress.last_eval, progress.last_loss = payload["loop"]["last_eval"], payload["loop"]["last_loss"]
     if not rewrite_metrics:
         return

@@ -49,10 +49,12 @@ def base_summary(s: Settings, task, optimizer, pruner: Pruner | None, device: to
 @torch.no_grad()
 def final_summary(task, optimizer, pruner: Pruner | None, progress) -> dict:
     """What the run reached: steps, time, throughput, quality, sparsity from the weights, memory."""
+    # Steps that compiled (the first of each process under COMPILE) measure the compiler, not training.
+    timed_steps = progress.step - progress.compile_steps
+    timed_s = progress.train_time_s - progress.compile_step_s
     out: dict = {"iterations": progress.step, "wall_time_s": progress.train_time_s,
                  "final_train_loss": progress.last_loss,
-                 "throughput": (progress.items_per_step * progress.step / progress.train_time_s
-                                if progress.train_time_s else 0.0),
+                 "throughput": progress.items_per_step * timed_steps / timed_s if timed_steps and timed_s > 0 else 0.0,
                  "throughput_unit": f"{task.item_unit}/s"}
     out.update(progress.last_eval)
     out["quality_metric"] = task.quality_key

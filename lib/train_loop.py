@@ -166,7 +166,7 @@ def _run_loop(loop: Loop, summary: dict) -> int:
             if loop.metrics is not None:
                 loop.metrics.close()
             summary.update(final_summary(loop.task, loop.optimizer, loop.pruner, st))
-            summary["status"], summary["compile_step_s"] = status, st.compile_step_s
+            summary["status"], summary["compile_step_s"] = status, st.compile_step_s or None
             summary["world_size"] = distributed.world()[1]
             summary.update(export.write_final_model(loop.run_dir, loop.task, loop.pruner, status, st.step))
             if loop.run_dir is not None:
@@ -253,7 +253,7 @@ def _steps(loop: Loop, model: nn.Module, ddp: DistributedDataParallel | None, pr
         st.step, st.train_time_s, st.last_loss = step, st.train_time_s + dt, loss_value
         window_steps, window_loss = window_steps + 1, window_loss + loss_value
         if s.compile and step == first:  # compiling, not training: kept out of the throughput
-            st.compile_step_s = dt
+            st.compile_step_s, st.compile_steps = st.compile_step_s + dt, st.compile_steps + 1
         else:  # the step's own time (synchronized above: no kernels of another step in it)
             window_time, timed = window_time + dt, timed + 1
         sparsity = pruner.achieved_sparsity if pruner is not None else 0.0

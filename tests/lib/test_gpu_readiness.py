@@ -215,3 +215,6 @@ def test_the_compiling_step_is_kept_out_of_the_training_speed(tmp_path, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     # The first step compiled: it took longer than every later step, and is reported on its own.
     assert summary["compile_step_s"] > max(r["step_time_s"] for r in rows[1:])
+    # The summary's throughput is that of the timed steps only.
+    timed = summary["wall_time_s"] - summary["compile_step_s"]
+    assert summary["throughput"] == pytest.approx(summary["items_per_step"] * (summary["iterations"] - 1) / timed)
