@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lib.errors import KpruneError
-from lib.pruning.masks import CHUNK, MaskSet, chunks, pack_bits
+from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
@@ -210,7 +210,7 @@ class Pruner:
             # Non-negative floats already order like their int32 bit patterns.
             key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
             if masks.any_pruned(i):  # pruned stay pruned: they get the lowest possible key
-                for start, n in chunks(key.numel()):
+                for start, n in chunks(key.numel(), chunk_size(key.device)):  # GPUs: whole tensors
                     pruned = masks.pruned_chunk(i, start, n)
                     key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
             structure.restrict_(i, key)
@@ -258,7 +258,8 @@ class Pruner:
         if thr is not None:
             # Ties are broken by a hash of each weight's index in the whole pool, whichever layers are selected.
             first_index = sum(p.numel() for p in self.masks.params[:first])
-            for j, start, selected in iter_selection(keys, thr, chunk=CHUNK, first_index=first_index):
+            chunk = chunk_size(keys[0].device)  # cache-sized on CPUs, whole tensors on GPUs (fewer launches)
+            for j, start, selected in iter_selection(keys, thr, chunk=chunk, first_index=first_index):
                 self.masks.bits[first + j][start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
 
 
