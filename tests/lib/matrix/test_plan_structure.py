@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lib.kconfig import REPO_ROOT, apply_overrides, read_config
-from lib.matrix.plan import Plan, build_plan, plan_table
 from lib.cli import build_parser
+from lib.matrix.plan import plan_table
 from lib.settings import settings_from_namespace
-
-RUNS = Path("results/matrix-x/runs")
-
-
-def _plan(defconfig: str, *overrides: str) -> Plan:
-    kconf, seen = read_config(REPO_ROOT / "defconfigs" / defconfig)
-    if overrides:
-        apply_overrides(kconf, seen, list(overrides))
-    return build_plan(kconf, RUNS)
+from tests.lib.matrix.test_plan import _plan
 
 
 def _settings(run):
