@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.lib.report.conftest import MatrixBuilder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ def _report(result: subprocess.CompletedProcess) -> Path:
     return Path(result.stdout.strip().splitlines()[-1].removeprefix("report: "))
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_arms_of_two_matrices_in_one_report(tmp_path):
     a, b = _two_matrices(tmp_path / "results")
     result = _run(str(a), str(b), "--output-root", str(tmp_path / "results"))
@@ -58,6 +61,7 @@ def test_arms_of_two_matrices_in_one_report(tmp_path):
     assert len(list((report.parent / "plots").glob("*.png"))) == 6
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_the_same_audit_finds_what_differs_between_matrices(tmp_path):
     a, b = _two_matrices(tmp_path / "results", frequency_b=10)
     text = _report(_run(str(a), str(b), "--output", str(tmp_path / "cmp"))).read_text()
@@ -66,12 +70,14 @@ def test_the_same_audit_finds_what_differs_between_matrices(tmp_path):
     assert "  - schedule.frequency: 20 vs 10 (setting schedule_frequency: 20 vs 10)" in text
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_directories_from_the_results_variable_as_make_passes_them(tmp_path):
     a, b = _two_matrices(tmp_path / "results dir")
     result = _run("--output", str(tmp_path / "cmp"), results=f"'{a}' '{b}'")
     assert _report(result) == tmp_path / "cmp" / "report.md"
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_bad_input_is_one_error_line(tmp_path):
     a, _ = _two_matrices(tmp_path / "results")
     for args, results, message in (((str(a),), None, "compare needs two or more matrix directories"),

@@ -310,6 +310,7 @@ def _lenet5_main(tmp_path: Path, method_args: list[str]) -> dict:
     return json.loads(summary_path.read_text())
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_trainer_runs_prune_identical_trajectories(tmp_path):
     runs = {"magnitude": _lenet5_main(tmp_path, ["--pruning-method", "magnitude"]),
             "bitter7": _lenet5_main(tmp_path, ["--pruning-method", "state", "--state-variant", "bitter7"])}

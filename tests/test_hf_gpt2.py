@@ -153,6 +153,7 @@ def trainer(tmp_path: Path, data_dir: Path, *flags: str, env: dict | None = None
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 @pytest.mark.parametrize("spec", ["openai-community/gpt2", "./no/such/dir"])
 def test_an_unreachable_pretrained_model_is_one_error_saying_where_to_put_the_files(tmp_path, data_dir, spec):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # nothing cached, no network

@@ -29,6 +29,7 @@ def _matrix(root: Path, stamp: str = "20261121-221000") -> Path:
     return builder.write()
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_writes_plots_and_report(tmp_path):
     matrix = _matrix(tmp_path / "results")
     result = _run("--results", str(matrix))
@@ -40,6 +41,7 @@ def test_writes_plots_and_report(tmp_path):
     assert len(plots) == 6 and all(Path(p).read_bytes().startswith(b"\x89PNG") for p in plots)
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_picks_the_newest_matrix(tmp_path):
     _matrix(tmp_path / "results", stamp="20261120-090000")
     newest = _matrix(tmp_path / "results", stamp="20261121-090000")
@@ -62,6 +64,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_looks_where_output_dir_in_config_points(tmp_path):
     """make test-matrix wrote to OUTPUT_DIR=out; an older-named but newer matrix in results/ is not it."""
     made = subprocess.run([sys.executable, "-m", "scripts.kconfig", "defconfig", "demo", "--set", "OUTPUT_DIR=out"],
@@ -77,6 +80,7 @@ def test_looks_where_output_dir_in_config_points(tmp_path):
     assert not list((tmp_path / "results").glob("*/report.md"))
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_damaged_metrics_are_one_warning_and_the_report_goes_on(tmp_path):
     matrix = _matrix(tmp_path / "results")
     damaged = matrix / "runs" / "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-seed1337" / "metrics.jsonl"
@@ -94,6 +98,7 @@ def test_damaged_metrics_are_one_warning_and_the_report_goes_on(tmp_path):
     assert "| `gpt2-adamwprune-bitter7-sp0.5-cubic-ramp` | bitter7 |" in report  # the arm is still reported
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"{not json", b"[1, 2]"])
 def test_garbage_summary_leaves_that_run_out(tmp_path, content):
     matrix = _matrix(tmp_path / "results")

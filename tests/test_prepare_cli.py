@@ -23,6 +23,7 @@ def _prepare(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_prepare_prints_the_cache_dir_last(tmp_path: Path) -> None:
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"body": f"Document {i}."}) + "\n" for i in range(5)))
@@ -35,6 +36,7 @@ def test_prepare_prints_the_cache_dir_last(tmp_path: Path) -> None:
     assert manifest["documents"] == {"train": 2, "val": 2, "total": 4}
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_prepare_bad_input_exits_2(tmp_path: Path) -> None:
     result = _prepare("--dataset", "custom", "--data-dir", str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith("error: DATASET=custom needs DATA_PATH")

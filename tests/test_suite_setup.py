@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from lib.kconfig import REPO_ROOT
 
 
@@ -28,6 +30,7 @@ def test_every_test_has_a_default_timeout(pytestconfig):
     assert float(pytestconfig.getini("timeout")) == 300
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_a_hung_test_fails_instead_of_hanging(tmp_path):
     started = time.monotonic()
     # The project's timeout lowered to 2 s, so the hang is short.

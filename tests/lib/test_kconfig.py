@@ -73,6 +73,7 @@ def test_every_setting_is_read_by_code():
     assert unread == []
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 @pytest.mark.parametrize("model", ["gpt2", "lenet5"])
 def test_trainer_help_lists_every_flag_with_its_default(model):
     out = subprocess.run([sys.executable, "-m", f"{model}.train", "--help"], cwd=REPO_ROOT,
@@ -293,6 +294,7 @@ def _kconfig_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_failed_defconfig_leaves_dot_config_untouched(tmp_path):
     assert _kconfig_cli(tmp_path, "defconfig", "gpt2-magnitude").returncode == 0
     before = (tmp_path / ".config").read_bytes()
@@ -305,6 +307,7 @@ def test_failed_defconfig_leaves_dot_config_untouched(tmp_path):
     assert result.returncode == 2 and (tmp_path / ".config").read_bytes() == before
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_set_updates_dot_config_before_the_command(tmp_path):
     assert _kconfig_cli(tmp_path, "defconfig", "lenet5-magnitude").returncode == 0
     result = _kconfig_cli(tmp_path, "command", "--set", "MAX_ITERS=4000 SEED=7")

@@ -46,6 +46,7 @@ def test_validate_accepts_ordinary_run_names(tmp_path):
         assert validate(dataclasses.replace(_settings(tmp_path), run_name=name)) == []
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 @pytest.mark.parametrize("name", [".", "../data"])
 def test_defconfig_with_a_bad_run_name_is_refused(tmp_path, name):
     result = subprocess.run([sys.executable, "-m", "scripts.kconfig", "defconfig", "lenet5-magnitude", "--set",

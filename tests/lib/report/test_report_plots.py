@@ -32,6 +32,7 @@ def test_every_plot_is_a_png(ab_builder):
     _assert_pngs(plots, matrix.path / "plots")
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_mixed_models_and_dense_arm(builder):
     for model, quality in (("gpt2", 50.0), ("lenet5", 0.99)):
         for method in ("magnitude", "bitter7", "none"):

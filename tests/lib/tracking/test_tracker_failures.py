@@ -51,6 +51,7 @@ def test_a_tracker_that_raises_is_switched_off_once_and_the_others_get_every_row
     assert len(tensorboard_scalars(tmp_path / "bad").Scalars("loss")) == 1  # rows 0 and 1 only
 
 
+@pytest.mark.slow  # starts a process or trains: over a second
 def test_a_tracker_raising_mid_run_does_not_fail_the_run(tmp_path, capsys, monkeypatch):
     real_start = TensorBoardTracker.start
 
