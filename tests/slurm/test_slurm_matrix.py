@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lib.kconfig import REPO_ROOT
+from tests.test_matrix_e2e import _matrix_dir  # the matrix directory a runner's last line names
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +37,6 @@ def _defconfig(cwd: Path, extra: str = "") -> None:
     result = _cli(cwd, "scripts.kconfig", "defconfig", "slurm-matrix-lenet5", "--set",
                   " ".join(f"{k}={v}" for k, v in values.items()))
     assert result.returncode == 0, result.stderr
-
-
-def _matrix_dir(result: subprocess.CompletedProcess, cwd: Path) -> Path:
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("results: "), result.stdout + result.stderr
-    return cwd / last.removeprefix("results: ")
 
 
 def _states(cwd: Path, matrix_dir: Path) -> dict[str, str]:
