@@ -30,7 +30,7 @@ USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD 
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare export sample \
+        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare export evaluate sample \
         data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference check-env check-gpu bench-gpu \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
@@ -56,7 +56,8 @@ help:
 	@echo "  sbatch-train       submit make train as a Slurm job (DDP_NNODES nodes, one torchrun each)"
 	@echo "  plots              plots and report.md for the newest matrix (or RESULTS=dir)"
 	@echo "  compare            one report over two or more matrices: RESULTS=\"<dir> <dir>\" (into a new compare-<time>/)"
-	@echo "  export             a run's final model into <run>/export/ (safetensors, masks, config; GPT-2: hf/): RESULTS=<run dir>"
+	@echo "  export             a run's final model into <run>/export/ (safetensors, masks, config; GPT-2: hf/; channel: small/): RESULTS=<run dir>"
+	@echo "  evaluate           val_loss and accuracy of a run's final model, or of its export/small: RESULTS=<dir>"
 	@echo "  sample             text from a GPT-2 run's final model: RESULTS=<run dir> PROMPT=\"...\" [MAX_NEW_TOKENS TEMPERATURE TOP_K SAMPLE_SEED]"
 	@echo "  bench              benchmarks: bench-pruning (124M-shaped layers), bench-train (demo GPT-2), bench-inference"
 	@echo "  bench-inference    forward latency and memory: dense vs pruned 124M-shaped GPT-2, or a run's model (RESULTS=<run dir>)"
@@ -163,8 +164,8 @@ compare: $(STAMP)
 train: $(STAMP)
 	@$(KCONFIG) train
 
-# RESULTS, PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, SAMPLE_SEED arrive through the environment (USER_VARIABLES).
-sample export: $(STAMP)
+# RESULTS, SET, PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, SAMPLE_SEED arrive through the environment (USER_VARIABLES).
+sample export evaluate: $(STAMP)
 	@$(PY) -m scripts.$@
 
 # Without RESUME: the newest interrupted run in OUTPUT_DIR.

@@ -22,6 +22,8 @@ from gpt2.model import GPT
 from gpt2.train import channel_units
 from lib.shrink import kept_units, shrunk_state
 
+UNITS = "attention head or MLP neuron"  # what a unit is, for messages
+
 
 @torch.no_grad()
 def shrink(model: GPT) -> GPT:
@@ -38,3 +40,8 @@ def shrink(model: GPT) -> GPT:
     small = GPT(cfg)
     small.load_state_dict(shrunk_state(model, units, kept))
     return small.eval()
+
+
+def describe(small: GPT) -> str:
+    """What the smaller model keeps, block by block."""
+    return f"heads per block {list(small.cfg.heads)}, MLP neurons per block {list(small.cfg.hidden)}"

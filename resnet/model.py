@@ -8,6 +8,8 @@ The model knows nothing about pruning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,11 +18,12 @@ from torch import nn
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, inner: tuple[int, ...] | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        (mid,) = inner or (planes,)
+        self.conv1 = nn.Conv2d(in_planes, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
@@ -33,13 +36,14 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, inner: tuple[int, ...] | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        mid1, mid2 = inner or (planes, planes)
+        self.conv1 = nn.Conv2d(in_planes, mid1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid1)
+        self.conv2 = nn.Conv2d(mid1, mid2, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid2)
+        self.conv3 = nn.Conv2d(mid2, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
@@ -63,9 +67,13 @@ DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 
 
 class ResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, width: int = 64):
+    def __init__(self, depth: int, num_classes: int, width: int = 64,
+                 inner: Sequence[tuple[int, ...]] | None = None):
+        """`inner`: per block in order, the channels of each of its convolutions but the last (None: the
+        standard ones); fewer in a smaller ResNet with whole filters removed (resnet/shrink.py)."""
         super().__init__()
         block, counts = DEPTHS[depth]
+        inner = iter(inner) if inner is not None else None
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         stages, in_planes = [], width
@@ -73,7 +81,8 @@ class ResNet(nn.Module):
             planes = width * 2 ** i
             blocks = []
             for j in range(count):
-                blocks.append(block(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1,
+                                    inner=tuple(next(inner)) if inner is not None else None))
                 in_planes = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
