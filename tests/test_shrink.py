@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from gpt2.hf import gpt_from_run
@@ -9,7 +12,8 @@ from gpt2.model import GPT, config_for
 from gpt2.shrink import shrink
 from lib.data.tokenizer import gpt2_encoding
 from lib.export import final_model_files
-from scripts import export, sample
+from lib.kconfig import REPO_ROOT, apply_overrides, read_config, write_config
+from scripts import evaluate, export, sample
 
 TEXT = "HAMLET: To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
 HEAD_DIM = 32  # tiny: width 128, 4 heads
@@ -83,3 +87,23 @@ def test_no_smaller_model_without_a_whole_unit_pruned(tmp_path, capsys):
     assert export.main(["--results", str(tmp_path)]) == 0
     assert "no smaller model to write" in capsys.readouterr().err
     assert not (tmp_path / "export" / "small").exists()
+
+
+@pytest.mark.slow  # builds the trainer's validation data
+def test_make_evaluate_gives_the_smaller_gpt2_the_pruned_ones_validation_loss(tmp_path, data_dir, capsys):
+    model = unit_pruned_gpt()
+    for name, data in final_model_files(model, "gpt2-tiny", 12).items():
+        (tmp_path / name).write_bytes(data)
+    kconf, seen = read_config(REPO_ROOT / "defconfigs" / "gpt2-magnitude-channel")
+    apply_overrides(kconf, seen, [f"DATA_DIR={data_dir}", "DEVICE=cpu", "GPT2_BLOCK_SIZE=64", "BATCH_SIZE=2",
+                                  "GPT2_EVAL_ITERS=2"])
+    write_config(kconf, tmp_path / "config")
+    assert export.main(["--results", str(tmp_path)]) == 0
+    capsys.readouterr()
+    results = []
+    for directory in (tmp_path, tmp_path / "export" / "small"):
+        assert evaluate.main(["--results", str(directory)]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    masked, small = results
+    assert small["params"] < masked["params"] and masked["model"] == small["model"] == "gpt2-tiny"
+    assert abs(small["val_loss"] - masked["val_loss"]) <= 1e-5 and masked["val_loss"] > 0
