@@ -207,3 +207,17 @@ def test_no_smaller_model_without_a_whole_unit_pruned(kind, tmp_path, capsys):
     assert out.out.splitlines() == [f"wrote: {run / 'export' / f}" for f in ("model.safetensors", "config",
                                                                             "shape.json")]
     assert not (run / "export" / "small").exists()
+
+
+def test_a_layer_whose_every_unit_is_pruned_keeps_one_that_adds_nothing():
+    """Global scope may prune a whole family: torch's BatchNorm cannot be 0 wide, so one dead channel stays."""
+    model, _ = pruned_resnet(18)
+    with torch.no_grad():
+        for s in next(f for f in resnet_units(model).families if f.name == "layer2.1.conv1").slices:
+            s.param.index_fill_(s.dim, s.index.flatten(), 0.0)
+    small = shrink_resnet(model)
+    assert small.layer2[1].conv1.out_channels == 1 and small.layer2[1].bn1.num_features == 1
+    assert small.layer2[0].conv1.out_channels == 8  # its neighbour: half of 16
+    x, _ = mnist(32)
+    with torch.no_grad():
+        assert (small(as_cifar(x)) - model(as_cifar(x))).abs().max().item() <= 1e-5
