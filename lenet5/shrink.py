@@ -25,10 +25,7 @@ UNITS = "conv filter or fc neuron"  # what a unit is, for messages
 def shrink(model: LeNet5) -> LeNet5:
     """The smaller LeNet-5 computing what `model` computes, without its removable filters and neurons."""
     units = channel_units(model)
-    kept = kept_units(units, at_least=1)
-    small = LeNet5(model.fc3.out_features, widths=[len(k) for k in kept])
-    small.load_state_dict(shrunk_state(model, units, kept))
-    return small.eval()
+    return lenet_from_state(shrunk_state(model, units, kept_units(units, at_least=1)))
 
 
 def lenet_from_state(state: dict[str, torch.Tensor]) -> LeNet5:

@@ -27,13 +27,7 @@ UNITS = "block-internal conv filter"  # what a unit is, for messages
 def shrink(model: ResNet) -> ResNet:
     """The smaller ResNet computing what `model` computes (eval mode), without its removable filters."""
     units = channel_units(model)
-    kept = kept_units(units, at_least=1)
-    counts = iter(len(k) for k in kept)  # block by block, conv by conv, as the families are listed
-    blocks = [b for stage in STAGES for b in getattr(model, stage)]
-    inner = [tuple(next(counts) for _ in range(2 if isinstance(b, Bottleneck) else 1)) for b in blocks]
-    small = ResNet(_depth(model.state_dict()), model.fc.out_features, model.conv1.out_channels, inner)
-    small.load_state_dict(shrunk_state(model, units, kept))
-    return small.eval()
+    return resnet_from_state(shrunk_state(model, units, kept_units(units, at_least=1)))
 
 
 def _depth(state: dict[str, torch.Tensor]) -> int:

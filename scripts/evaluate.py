@@ -1,4 +1,4 @@
-"""`make evaluate RESULTS=<dir>`: a run's final model, or the smaller one `make export` wrote, on the run's held-out data.
+"""`make evaluate RESULTS=<dir>`: a run's final model, or the smaller one make export wrote, on its held-out data.
 
     python -m scripts.evaluate [--results DIR] [--set "SYM=value ..."]
 

@@ -18,17 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from lenet5.model import LeNet5
-from lenet5.shrink import lenet_from_state
 from lenet5.shrink import shrink as shrink_lenet
 from lenet5.train import EVAL_BATCH, _to_tensors
 from lenet5.train import channel_units as lenet_units
 from lib.classification import evaluate
 from lib.data.idx import load_mnist
-from lib.export import final_model_files
+from lib.export import final_model_files, read_final_model
 from lib.kconfig import REPO_ROOT, apply_overrides, read_config, write_config
 from lib.pruning.units import Units
 from resnet.model import ResNet
-from resnet.shrink import resnet_from_state
 from resnet.shrink import shrink as shrink_resnet
 from resnet.train import channel_units as resnet_units
 from scripts import evaluate as evaluate_script
@@ -113,8 +111,6 @@ def test_lenet5_smaller_model_has_the_kept_widths_and_the_masked_models_outputs(
     x, _ = mnist(1000)
     with torch.no_grad():
         assert (small(x) - model(x)).abs().max().item() <= 1e-5
-        again = lenet_from_state(small.state_dict())  # rebuilt from its tensors' shapes alone
-        assert torch.equal(again(x), small(x))
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -138,7 +134,6 @@ def test_resnet_smaller_model_keeps_the_residual_stream_and_the_masked_models_ou
     x, _ = mnist(32)
     with torch.no_grad():
         assert (small(as_cifar(x)) - model(as_cifar(x))).abs().max().item() <= 1e-5
-        assert torch.equal(resnet_from_state(small.state_dict())(as_cifar(x)), small(as_cifar(x)))
 
 
 def run_dir_with(model: torch.nn.Module, name: str, tmp_path, defconfig: str, *overrides: str):
@@ -182,7 +177,6 @@ def test_make_export_writes_the_smaller_resnet_with_its_batchnorm_statistics(tmp
     assert export.main(["--results", str(run)]) == 0
     assert "smaller model: inner channels per block [[3], [4], [8], [8], [16], [14], [32], [32]]" in \
         capsys.readouterr().err
-    from lib.export import read_final_model
     small = export.model_from_final(read_final_model(run / "export" / "small"), run)
     assert params(small) == params(model) - owned
     x, _ = mnist(32)
