@@ -13,7 +13,8 @@ Removing a unit cuts its entries out of every tensor its slices name, and a
 BatchNorm's running mean and variance go with its scale and shift. The
 smaller model computes what the full one does up to the order of
 floating-point sums. Each model's shrink (gpt2/, lenet5/, resnet/shrink.py)
-builds the smaller shape from the kept counts and loads `shrunk_state`.
+builds its smaller model around `shrunk_state`: GPT-2 from the kept counts,
+LeNet-5 and ResNet from the cut tensors' shapes.
 """
 
 from __future__ import annotations
