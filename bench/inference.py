@@ -50,11 +50,11 @@ from lib.cli import make_variable
 from lib.device import pick_device
 from lib.errors import KpruneError
 from lib.export import read_final_model
+from lib.report.inference import RESULT_FILE
 from lib.report.runs import load_matrix
 from lib.results import write_json_atomic
 from lib.semi_structured import keep_two_of_four, semi_structured_for
 
-RESULT_FILE = "inference.json"
 # What a run's pruning can buy, first found first: the report's speedup is this arm's.
 BOUGHT = ("sparse24", "smaller")
 BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
