@@ -268,10 +268,8 @@ def check_semi_structured_24(device: torch.device, workdir: Path) -> dict:
     """
     import copy
 
-    from torch.sparse import to_sparse_semi_structured
-
     from gpt2.model import GPT, GPTConfig
-    from lib.semi_structured import TOLERANCE, keep_two_of_four, semi_structured_for
+    from lib.semi_structured import TOLERANCE, keep_two_of_four, semi_structured_for, to_semi_structured
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256)).to(device, torch.bfloat16).eval()
@@ -298,14 +296,15 @@ def check_semi_structured_24(device: torch.device, workdir: Path) -> dict:
     x = torch.randn(4096, 3072, device=device, dtype=torch.bfloat16)
     dense_out = linear(x)
     dense_ms = _latency_ms(lambda: linear(x))
-    linear.weight = torch.nn.Parameter(to_sparse_semi_structured(linear.weight.detach()), requires_grad=False)
+    linear.weight = torch.nn.Parameter(to_semi_structured(linear.weight), requires_grad=False)
     sparse_out = linear(x)
     sparse_ms = _latency_ms(lambda: linear(x))
     err = (sparse_out.float() - dense_out.float()).abs().max().item()
     expect(err <= TOLERANCE * dense_out.float().abs().max().item(), f"2:4 outputs differ from dense by {err}")
     return {"dense_ms": round(dense_ms, 4), "sparse_24_ms": round(sparse_ms, 4),
             "speedup": round(dense_ms / sparse_ms, 3), "max_abs_diff": err,
-            "gpt2_layers_converted": len(conversion.converted), "gpt2_logits_max_abs_diff": model_err,
+            "backend": conversion.backend, "gpt2_layers_converted": len(conversion.converted),
+            "gpt2_logits_max_abs_diff": model_err,
             "tolerance": f"{TOLERANCE:g} x max |dense output|"}
 
 

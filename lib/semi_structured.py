@@ -53,6 +53,7 @@ class Conversion:
 
     layers: list[LayerChoice] = field(default_factory=list)
     note: str | None = None  # why nothing could be converted at all (a CPU)
+    backend: str | None = None  # torch's 2:4 backend that runs them: cusparselt or cutlass
 
     @property
     def converted(self) -> list[str]:
@@ -64,7 +65,8 @@ class Conversion:
 
     def describe(self) -> dict:
         """The JSON the benchmarks record."""
-        return {"converted": len(self.converted), "dense": self.dense, **({"note": self.note} if self.note else {})}
+        return {"converted": len(self.converted), "dense": self.dense,
+                **({"backend": self.backend} if self.backend else {}), **({"note": self.note} if self.note else {})}
 
 
 def keep_two_of_four(weight: torch.Tensor) -> torch.Tensor:
@@ -122,6 +124,23 @@ def choose_layers(model: nn.Module, pruned: set[str]) -> list[LayerChoice]:
     return choices
 
 
+def backend():
+    """torch's 2:4 tensor class for this build: cuSPARSELt when the build has it, else CUTLASS.
+
+    to_sparse_semi_structured would pick cuSPARSELt even in a build without it; choosing here keeps such
+    a build working.
+    """
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    return SparseSemiStructuredTensorCUSPARSELT if torch.backends.cusparselt.is_available() \
+        else SparseSemiStructuredTensorCUTLASS
+
+
+def to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
+    """A 2:4 CUDA weight as torch's semi-structured sparse tensor (the backend's own checks apply)."""
+    return backend().from_dense(weight.detach().contiguous())
+
+
 @torch.no_grad()
 def semi_structured_for(model: nn.Module, pruned: set[str]) -> Conversion:
     """Convert, in place, the Linear layers of `model` that qualify to 2:4 semi-structured weights.
@@ -133,16 +152,14 @@ def semi_structured_for(model: nn.Module, pruned: set[str]) -> Conversion:
     device = next(model.parameters()).device
     if device.type != "cuda":
         return Conversion(note=CPU_NOTE)
-    from torch.sparse import to_sparse_semi_structured
-
-    conversion = Conversion(layers=choose_layers(model, pruned))
+    conversion = Conversion(layers=choose_layers(model, pruned), backend=backend().BACKEND)
     modules = dict(model.named_modules())
     for choice in conversion.layers:
         if not choice.convert:
             continue
         linear = modules[choice.name]
         try:
-            sparse = to_sparse_semi_structured(linear.weight.detach().contiguous())
+            sparse = to_semi_structured(linear.weight)
         except (RuntimeError, NotImplementedError) as exc:
             raise KpruneError(f"torch cannot make {choice.name} a 2:4 semi-structured weight on "
                               f"{torch.cuda.get_device_name(device)} ({exc}); 2:4 kernels need compute "

@@ -231,20 +231,18 @@ def quality_vs_speed_figure(matrix: Matrix) -> Figure:
             if q is None:
                 continue
             label = arm_label(matrix, arm, leave_out=("model",))
-            ax.errorbar([speed.at_training_batch], [q.mean], yerr=[q.std], marker="o", capsize=4,
-                        color=colors[arm.id], label=f"{label} (n={q.n})")
-            ax.annotate(label, (speed.at_training_batch, q.mean), textcoords="offset points", xytext=(6, 6),
-                        fontsize="small")
+            ax.errorbar([speed.at_training_batch], [q.mean], yerr=[q.std], marker="o", markersize=7, capsize=4,
+                        linestyle="none", color=colors[arm.id], label=f"{label} (n={q.n})")
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":")  # no faster than dense
         key = arms[0].quality_key or "?"
         devices = ", ".join(sorted({d for a in arms for d in a.inference.devices}))
         batches = ", ".join(f"b{b}" for b in sorted({a.inference.training_batch for a in arms}))
-        ax.set_title(f"Final {QUALITY.get(key, (key,))[0]} vs speed, {arms[0].model} ({devices})")
-        ax.set_xlabel(f"measured speedup over dense at the training batch ({batches})")
+        ax.set_title(f"Final {QUALITY.get(key, (key,))[0]} vs speed, {arms[0].model} ({devices})", fontsize="medium")
+        ax.set_xlabel(f"measured speedup over dense at the training batch ({batches}); dotted: dense speed")
         ax.set_ylabel(f"final {quality_name(key)}")
         ax.legend(fontsize="small")
         ax.grid(True, alpha=0.3)
-    fig.suptitle("Final quality vs measured inference speedup: mean over the measured seeds, error bars = ±1 std")
+    fig.suptitle("Quality vs measured speed: mean ± 1 std over the measured seeds")
     return fig
 
 
