@@ -111,10 +111,11 @@ def prune_half(model: GPT, structure: str) -> GPT:
     return shrink(pruned) if structure == "channel" else pruned
 
 
-def as_semi_structured(model: GPT, pruned: set[str], where: Where, info: dict) -> GPT | None:
+def as_semi_structured(model: GPT, pruned: set[str], where: Where, info: dict, nm: bool = True) -> GPT | None:
     """A copy of `model` (already placed) with its 2:4 layers on the 2:4 kernels, or None when none qualify.
 
-    Records what was converted and what stayed dense (with reasons) in `info`, and says it on stderr.
+    Records what was converted and what stayed dense (with reasons) in `info`, and says it on stderr:
+    each dense layer for an `nm` model, one line for a model of another structure that has no 2:4 layer.
     """
     sparse = copy.deepcopy(model)
     conversion = semi_structured_for(sparse, pruned)
@@ -122,9 +123,11 @@ def as_semi_structured(model: GPT, pruned: set[str], where: Where, info: dict) -
     if conversion.note:
         print(conversion.note, file=sys.stderr)
         return None
-    print(f"2:4 semi-structured on {where.name}: {len(conversion.converted)} Linear layers converted", file=sys.stderr)
-    for name, reason in conversion.dense.items():
-        print(f"  left dense: {name}: {reason}", file=sys.stderr)
+    print(f"2:4 semi-structured on {where.name}: {len(conversion.converted)} Linear layers converted "
+          f"({conversion.backend})", file=sys.stderr)
+    if nm or conversion.converted:
+        for name, reason in conversion.dense.items():
+            print(f"  left dense: {name}: {reason}", file=sys.stderr)
     return sparse if conversion.converted else None
 
 
@@ -182,8 +185,8 @@ def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, GPT], i
     except (OSError, ValueError):
         summary = {}  # a run directory without a readable summary: BENCH_BATCH
     batch = (summary.get("settings") or {}).get("batch_size")
+    small = shrink(model)  # on the CPU in fp32, before the model moves: the cut follows its exact zeros
     arms = {"dense": where.place(model)}
-    small = shrink(model)
     if sum(small.cfg.heads) < model.cfg.n_layer * model.cfg.n_head or \
             sum(small.cfg.hidden) < model.cfg.n_layer * 4 * model.cfg.n_embd:
         arms["smaller"] = where.place(small)
@@ -191,7 +194,7 @@ def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, GPT], i
         print("no whole head or MLP neuron is pruned: no smaller model", file=sys.stderr)
     structure = (summary.get("sparsity_structure") or {}).get("kind")
     if where.device.type == "cuda" or structure == "nm":  # a CPU only says why nothing is converted
-        sparse = as_semi_structured(arms["dense"], set(final.masks), where, info)
+        sparse = as_semi_structured(arms["dense"], set(final.masks), where, info, nm=structure == "nm")
         if sparse is not None:
             arms["sparse24"] = sparse
     return arms, batch

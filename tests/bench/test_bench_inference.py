@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save
 
 from bench import inference
 from gpt2.model import config_for
-from lib.export import final_model_files
+from lib.export import MASKS_FILE, final_model_files
 from lib.report.inference import RESULT_FILE, read_inference
-from lib.semi_structured import CPU_NOTE
+from lib.semi_structured import CPU_NOTE, Conversion, LayerChoice
 from tests.lib.report.conftest import MatrixBuilder
 from tests.test_shrink import unit_pruned_gpt
 
@@ -37,10 +38,13 @@ def run_bench(monkeypatch, capsys, **env: str) -> dict:
 
 
 def write_run(run_dir, model, summary: dict) -> None:
-    """A run directory as a GPT-2 run leaves it: its final model and summary.json."""
+    """A run directory as a GPT-2 run leaves it: its final model, the masks of the block weights (True where
+    zero) and summary.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name, data in final_model_files(model, "gpt2-tiny", 12).items():
         (run_dir / name).write_bytes(data)
+    masks = {name: (model.get_parameter(name) == 0).contiguous() for name in inference.block_weight_names(model)}
+    (run_dir / MASKS_FILE).write_bytes(save(masks, metadata={"kprune": json.dumps({"meaning": "True = pruned"})}))
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -118,3 +122,23 @@ def test_with_a_matrix_it_measures_each_completed_run(tmp_path, monkeypatch, cap
     assert not any((p / RESULT_FILE).exists() for p in (path / "runs").iterdir() if p.name != done.id)
     assert f"not complete, not measured: {stopped.id}" in err
     assert f"not measured: {lenet.id}: " in err  # a LeNet-5 run has no final GPT-2 to time
+
+
+def test_a_2of4_run_whose_layers_convert_is_timed_on_the_kernels(tmp_path, monkeypatch, capsys):
+    """What happens on CUDA, wired on the CPU: the conversion (CUDA only, checked by make check-gpu) is
+    stood in for by one that reports every pruned layer converted, leaving the weights as they are."""
+    def converts_every_pruned_layer(model, pruned):
+        layers = [LayerChoice(n.removesuffix(".weight"), (0, 0), True, "2:4") for n in sorted(pruned)]
+        return Conversion(layers=layers + [LayerChoice("lm_head", (0, 0), False, "not pruned by the run (no mask)")],
+                          backend="cutlass")
+    monkeypatch.setattr(inference, "semi_structured_for", converts_every_pruned_layer)
+    monkeypatch.setattr(inference.Where, "place", lambda self, model: model.eval())
+    model = inference.prune_half(inference.GPT(config_for("tiny", 64, 0.0)).eval(), "nm")
+    write_run(tmp_path, model, {"settings": {"batch_size": 2}, "sparsity_structure": {"kind": "nm"}})
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert out["semi_structured"] == {"converted": 16, "dense": {"lm_head": "not pruned by the run (no mask)"},
+                                      "backend": "cutlass"}
+    assert "16 Linear layers converted (cutlass)" in err and "left dense: lm_head: not pruned" in err
+    assert out["pruned_arm"] == "sparse24"
+    assert (out["speedup_b1"], out["speedup_b2"]) == (out["sparse24_speedup_b1"], out["sparse24_speedup_b2"])
+    assert read_inference(tmp_path)[0].pruned_arm == "sparse24"
