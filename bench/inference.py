@@ -50,7 +50,7 @@ from lib.cli import make_variable
 from lib.device import pick_device
 from lib.errors import KpruneError
 from lib.export import read_final_model
-from lib.report.inference import RESULT_FILE
+from lib.report.inference import RESULT_FILE, model_file_stamp
 from lib.report.runs import load_matrix
 from lib.results import write_json_atomic
 from lib.semi_structured import keep_two_of_four, semi_structured_for
@@ -249,7 +249,7 @@ def main() -> int:
         run_dirs, is_matrix = runs_to_measure(Path(results))
         written = 0
         for run_dir in run_dirs:
-            info = {}
+            info, stamp = {}, model_file_stamp(run_dir)  # which final model this measures
             try:
                 arms, run_batch = run_arms(run_dir, where, info)
             except KpruneError as exc:
@@ -259,7 +259,7 @@ def main() -> int:
                 continue
             measured = bench_arms(arms, list(dict.fromkeys([1, run_batch or batch])), repeats)
             result = {"source": str(run_dir), "device": where.name, "dtype": str(where.dtype).removeprefix("torch."),
-                      **measured, **info,
+                      "model_file": stamp, **measured, **info,
                       "threads": torch.get_num_threads(), "torch": torch.__version__}
             del arms  # one run's models at a time
             write_json_atomic(run_dir / RESULT_FILE, result)

@@ -4,8 +4,10 @@ bench/inference.py writes the file: the device, the batch sizes (1 and the
 run's training batch), and `speedup_b<batch>`, the dense model's latency over
 that of what the run's pruning bought (`pruned_arm`: the smaller model, the
 2:4 kernels on CUDA, or nothing — then the pruned model is the dense
-computation and the speedup is 1.0). Runs never measured have no file and
-show "—" in the report.
+computation and the speedup is 1.0), and `model_file`, the size and
+modification time of the model.safetensors it timed: a run resumed since
+then has another final model, and its old measurement is not used. Runs
+never measured have no file and show "—" in the report.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULT_FILE = "inference.json"
+MODEL_FILE = "model.safetensors"  # lib/export.py's name for a run's final model
 # How report.md names what the speedup was measured on.
 BOUGHT_NAMES = {"smaller": "smaller model", "sparse24": "2:4 kernels", None: "dense kernels"}
 
@@ -45,6 +48,15 @@ class ArmInference:
     measured: int  # how many of the arm's completed runs were measured
 
 
+def model_file_stamp(run_dir: Path) -> dict | None:
+    """The size and modification time of the run's final model file, which tell one final model from the next."""
+    try:
+        stat = (Path(run_dir) / MODEL_FILE).stat()
+    except OSError:
+        return None
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def read_inference(run_dir: Path) -> tuple[Inference | None, str | None]:
     """The run's inference.json (None when never measured), and what was wrong with it when unreadable."""
     path = Path(run_dir) / RESULT_FILE
@@ -55,6 +67,11 @@ def read_inference(run_dir: Path) -> tuple[Inference | None, str | None]:
         speedup = {int(b): float(data[f"speedup_b{b}"]) for b in data["batch_sizes"]}
         if 1 not in speedup:
             raise ValueError("no speedup at batch size 1")
+        stamp = model_file_stamp(run_dir)
+        if data.get("model_file") and stamp and data["model_file"] != stamp:
+            return None, (f"{path}: measured an earlier final model than the run's {MODEL_FILE} (the run went on "
+                          f"after it was measured); left out; measure it again with make bench-inference "
+                          f"RESULTS={run_dir}")
         return Inference(str(data["device"]), speedup, data.get("pruned_arm")), None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         return None, (f"{path}: not a result bench-inference wrote ({type(exc).__name__}: {exc}); its inference "

@@ -9,7 +9,7 @@ import matplotlib.image as mpimg
 
 from lib.report import plots
 from lib.report.build import build_report
-from lib.report.inference import RESULT_FILE
+from lib.report.inference import MODEL_FILE, RESULT_FILE, model_file_stamp
 from lib.report.markdown import NO_SPEED_PLOT
 from lib.report.plots import SPEED_PLOT
 from lib.report.runs import load_matrix
@@ -22,6 +22,7 @@ def measured(run_dir, b1: float, b8: float, device: str = "cpu", pruned_arm: str
     """An inference.json as bench/inference.py writes it for a run trained at batch 8."""
     (run_dir / RESULT_FILE).write_text(json.dumps({
         "source": str(run_dir), "device": device, "dtype": "float32", "batch_sizes": [1, 8], "context": 64,
+        "model_file": model_file_stamp(run_dir),
         "repeats": 5, "pruned_arm": pruned_arm, "speedup_b1": b1, "speedup_b8": b8,
         "dense_latency_s_b1": 0.02, "dense_latency_s_b8": 0.1, "threads": 2, "torch": "2.13.0"}))
 
@@ -77,4 +78,17 @@ def test_an_unreadable_inference_file_is_named_and_leaves_the_cell_empty(builder
     matrix = load_matrix(path)
     assert any(p.startswith(str(path / "runs" / f"{BIT}-seed1" / RESULT_FILE)) and "make bench-inference" in p
                for p in matrix.problems)
+    assert _rows(_text(builder))[BIT][-1] == "—"
+
+
+def test_a_measurement_of_an_earlier_final_model_is_not_used(builder):
+    path = two_arms(builder)
+    run_dir = path / "runs" / f"{BIT}-seed1"
+    (run_dir / MODEL_FILE).write_bytes(b"the model as measured")
+    measured(run_dir, 1.5, 1.75)
+    assert _rows(_text(builder))[BIT][-1].startswith("1.50× b1")
+    (run_dir / MODEL_FILE).write_bytes(b"the model after a resume went on")  # another size: another model
+    matrix = load_matrix(path)
+    assert next(r for r in matrix.runs if r.path == run_dir).inference is None
+    assert any("measured an earlier final model" in p for p in matrix.problems)
     assert _rows(_text(builder))[BIT][-1] == "—"
