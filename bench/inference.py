@@ -185,9 +185,12 @@ def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, GPT], i
     except (OSError, ValueError):
         summary = {}  # a run directory without a readable summary: BENCH_BATCH
     batch = (summary.get("settings") or {}).get("batch_size")
-    small = shrink(model)  # on the CPU in fp32, before the model moves: the cut follows its exact zeros
+    # On the CPU in fp32, before the model moves: the cut follows its exact zeros.
+    small = shrink(model) if model.cfg.heads is None and model.cfg.hidden is None else None
     arms = {"dense": where.place(model)}
-    if sum(small.cfg.heads) < model.cfg.n_layer * model.cfg.n_head or \
+    if small is None:
+        print("the model is already a smaller one (export/small): it is measured as it is", file=sys.stderr)
+    elif sum(small.cfg.heads) < model.cfg.n_layer * model.cfg.n_head or \
             sum(small.cfg.hidden) < model.cfg.n_layer * 4 * model.cfg.n_embd:
         arms["smaller"] = where.place(small)
     else:

@@ -142,3 +142,11 @@ def test_a_2of4_run_whose_layers_convert_is_timed_on_the_kernels(tmp_path, monke
     assert out["pruned_arm"] == "sparse24"
     assert (out["speedup_b1"], out["speedup_b2"]) == (out["sparse24_speedup_b1"], out["sparse24_speedup_b2"])
     assert read_inference(tmp_path)[0].pruned_arm == "sparse24"
+
+
+def test_an_already_smaller_model_is_measured_as_it_is(tmp_path, monkeypatch, capsys):
+    small = inference.shrink(unit_pruned_gpt())  # what make export writes into export/small
+    write_run(tmp_path, small, {"settings": {"batch_size": 2}})
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert "already a smaller one" in err and out["pruned_arm"] is None
+    assert out["dense_params"] == sum(p.numel() for p in small.parameters())
