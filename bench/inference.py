@@ -1,42 +1,81 @@
 """`make bench-inference`: forward latency and memory of a dense GPT-2 against what pruning bought.
 
 With RESULTS=<run dir> (a GPT-2 run with a final model): the run's model as
-trained (full shape, pruned weights as zeros) against the smaller model
-without the heads and MLP neurons pruning removed whole (gpt2/shrink.py),
-when there are any. Without RESULTS: a 124M-shaped GPT-2 (random weights:
-timing does not depend on them) dense, and pruned 50% three ways:
-`unstructured` and `nm` (2:4) leave the shape as it is, so on a CPU they run
-the same dense matmuls (about 1.0x, reported as measured); `channel` removes
-half the heads and half the MLP neurons of every block and runs smaller.
+trained (full shape, pruned weights as zeros: what a dense model of its shape
+costs) against what its pruning buys: the smaller model without the heads
+and MLP neurons pruning removed whole (gpt2/shrink.py), when there are any;
+on CUDA, the model with its 2:4-pruned Linear layers as semi-structured
+sparse weights (lib/semi_structured.py), when any qualify. The result is also
+written to <run dir>/inference.json, which `make plots` reads. With
+RESULTS=<matrix dir>: each completed run of the matrix in turn, one JSON line
+and one inference.json each. Without RESULTS: a 124M-shaped GPT-2 (random
+weights: timing does not depend on them) dense, and pruned 50% three ways:
+`unstructured` keeps the shape and runs the same dense matmuls (about 1.0x);
+`nm` (2:4) does too on a CPU, and runs the 2:4 kernels on CUDA; `channel`
+removes half the heads and half the MLP neurons of every block and runs
+smaller.
 
-One process, one JSON line. For each arm and each batch size (1 and a
-training-sized batch: BENCH_BATCH, default 8, or the run's BATCH_SIZE) of
-full-context sequences: `<arm>_latency_s_b<batch>`, the median over
-BENCH_REPEATS (default 5) forwards after one warm-up; `<arm>_speedup_b<batch>`
-= dense / arm; `<arm>_peak_bytes`, the resident-set high-water mark a forward
-at the larger batch adds; `<arm>_params`. BENCH_SCALE (default 1) shrinks
-the random model's width and context for a quick run; BENCH_THREADS (default
-2) sets the threads. Compare the numbers within one run, on a quiet machine.
+One process, one JSON line per model measured. For each arm and each batch
+size (1 and a training-sized batch: BENCH_BATCH, default 8, or the run's
+BATCH_SIZE) of full-context sequences: `<arm>_latency_s_b<batch>`, the median
+over BENCH_REPEATS (default 5) forwards after one warm-up; `<arm>_speedup_b<batch>`
+= dense / arm; `<arm>_peak_bytes`, the memory a forward at the larger batch
+adds (resident-set high-water mark on a CPU, CUDA peak allocation on a GPU);
+`<arm>_params`. BENCH_DEVICE (auto, cpu, cuda; default auto) picks the
+device: CUDA runs every arm in bfloat16, the CPU in float32. BENCH_SCALE
+(default 1) shrinks the random model's width and context for a quick run;
+BENCH_THREADS (default 2) sets the CPU threads. Compare the numbers within
+one run, on a quiet machine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench.knobs import knob
+from bench.knobs import choice_knob, knob
 from bench.output import emit
 from bench.pruning import _reset_high_water, _status_bytes
-from gpt2.hf import gpt_from_run
+from gpt2.hf import gpt_from_final
 from gpt2.model import GPT, GPTConfig
 from gpt2.shrink import shrink
 from lib.cli import make_variable
+from lib.device import pick_device
 from lib.errors import KpruneError
+from lib.export import read_final_model
+from lib.report.inference import RESULT_FILE, model_file_stamp
+from lib.report.runs import load_matrix
+from lib.results import write_json_atomic
+from lib.semi_structured import keep_two_of_four, semi_structured_for
+
+# What a run's pruning can buy, first found first: the report's speedup is this arm's.
+BOUGHT = ("sparse24", "smaller")
+BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class Where:
+    """The device and dtype every arm runs in: bfloat16 on CUDA (the 2:4 kernels take no fp32), fp32 on a CPU."""
+
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    @property
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def place(self, model: GPT) -> GPT:
+        return model.to(self.device, self.dtype).eval()
 
 
 def random_124m(scale: float) -> GPT:
@@ -44,6 +83,11 @@ def random_124m(scale: float) -> GPT:
     head_dim = max(1, round(64 * scale))
     cfg = GPTConfig(n_layer=12, n_head=12, n_embd=12 * head_dim, block_size=max(8, round(1024 * scale)))
     return GPT(cfg).eval()
+
+
+def block_weight_names(model: GPT) -> set[str]:
+    """The weights pruning covers in a GPT-2: the four projections of every block."""
+    return {f"blocks.{i}.{layer}.weight" for i in range(model.cfg.n_layer) for layer in BLOCK_LAYERS}
 
 
 @torch.no_grad()
@@ -58,9 +102,7 @@ def prune_half(model: GPT, structure: str) -> GPT:
             if structure == "unstructured":
                 w.mul_(w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values)
             elif structure == "nm":  # 2 of every 4 consecutive inputs kept: the larger two
-                groups = w.view(w.shape[0], -1, 4)
-                smallest = groups.abs().topk(2, dim=2, largest=False).indices
-                groups.scatter_(2, smallest, 0.0)
+                keep_two_of_four(w)
         if structure == "channel":  # every other head and every other neuron: their output columns go
             heads = torch.arange(model.cfg.n_head)[::2]
             cols = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
@@ -69,60 +111,101 @@ def prune_half(model: GPT, structure: str) -> GPT:
     return shrink(pruned) if structure == "channel" else pruned
 
 
+def as_semi_structured(model: GPT, pruned: set[str], where: Where, info: dict, nm: bool = True) -> GPT | None:
+    """A copy of `model` (already placed) with its 2:4 layers on the 2:4 kernels, or None when none qualify.
+
+    Records what was converted and what stayed dense (with reasons) in `info`, and says it on stderr:
+    each dense layer for an `nm` model, one line for a model of another structure that has no 2:4 layer.
+    """
+    sparse = copy.deepcopy(model)
+    conversion = semi_structured_for(sparse, pruned)
+    info["semi_structured"] = conversion.describe()
+    if conversion.note:
+        print(conversion.note, file=sys.stderr)
+        return None
+    print(f"2:4 semi-structured on {where.name}: {len(conversion.converted)} Linear layers converted "
+          f"({conversion.backend})", file=sys.stderr)
+    if nm or conversion.converted:
+        for name, reason in conversion.dense.items():
+            print(f"  left dense: {name}: {reason}", file=sys.stderr)
+    return sparse if conversion.converted else None
+
+
 def measure(model: GPT, batches: list[int], repeats: int) -> dict:
-    """Median forward latency per batch size, and the RSS high-water mark the largest batch adds."""
+    """Median forward latency per batch size, and the memory a forward at the largest batch adds."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     out: dict = {"params": sum(p.numel() for p in model.parameters())}
     gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: the 2:4 weights are a tensor subclass inference tensors do not mix with.
+    with torch.no_grad():
         for batch in batches:
-            idx = torch.randint(0, 50257, (batch, model.cfg.block_size), generator=gen)
+            idx = torch.randint(0, 50257, (batch, model.cfg.block_size), generator=gen).to(device)
             model(idx)  # warm-up: first-call allocations and kernel choices
+            sync()
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 model(idx)
+                sync()
                 times.append(time.perf_counter() - t0)
             out[f"latency_s_b{batch}"] = statistics.median(times)
-        before, measured = _status_bytes("VmRSS"), _reset_high_water()
-        model(idx)
-        out["peak_bytes"] = max(0, _status_bytes("VmHWM") - before) if measured else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            model(idx)
+            sync()
+            out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
+        else:
+            before, measured = _status_bytes("VmRSS"), _reset_high_water()
+            model(idx)
+            out["peak_bytes"] = max(0, _status_bytes("VmHWM") - before) if measured else None
     return out
 
 
-def arms_to_measure(results: str | None, scale: float, batch: int) -> tuple[dict[str, GPT], list[int], str]:
-    """The models to time, the batch sizes and where they came from."""
-    if not results:
-        torch.manual_seed(0)
-        dense = random_124m(scale)
-        arms = {"dense": dense, **{s: prune_half(dense, s) for s in ("unstructured", "nm", "channel")}}
-        return arms, [1, batch], f"random GPT-2 124M shape x {scale}"
-    run_dir = Path(results)
-    model = gpt_from_run(run_dir)
+def random_arms(scale: float, where: Where, info: dict) -> dict[str, GPT]:
+    """Dense and pruned 50% with each structure; on CUDA the 2:4 arm runs the 2:4 kernels."""
+    torch.manual_seed(0)
+    dense = random_124m(scale)
+    arms = {"dense": dense, **{s: prune_half(dense, s) for s in ("unstructured", "nm", "channel")}}
+    arms = {name: where.place(model) for name, model in arms.items()}
+    sparse = as_semi_structured(arms["nm"], block_weight_names(dense), where, info)
+    if sparse is not None:
+        arms["nm"] = sparse
+    return arms
+
+
+def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, GPT], int | None]:
+    """The run's model as trained and what its pruning buys; the run's training batch size when recorded."""
+    final = read_final_model(run_dir)
+    model = gpt_from_final(final, run_dir)
     try:
-        batch = json.loads((run_dir / "summary.json").read_text())["settings"]["batch_size"]
-    except (OSError, ValueError, KeyError):
-        pass  # a run directory without a readable summary: BENCH_BATCH
-    arms = {"dense": model}
-    small = shrink(model)
-    if sum(small.cfg.heads) < model.cfg.n_layer * model.cfg.n_head or \
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}  # a run directory without a readable summary: BENCH_BATCH
+    batch = (summary.get("settings") or {}).get("batch_size")
+    # On the CPU in fp32, before the model moves: the cut follows its exact zeros.
+    small = shrink(model) if model.cfg.heads is None and model.cfg.hidden is None else None
+    arms = {"dense": where.place(model)}
+    if small is None:
+        print("the model is already a smaller one (export/small): it is measured as it is", file=sys.stderr)
+    elif sum(small.cfg.heads) < model.cfg.n_layer * model.cfg.n_head or \
             sum(small.cfg.hidden) < model.cfg.n_layer * 4 * model.cfg.n_embd:
-        arms["smaller"] = small
+        arms["smaller"] = where.place(small)
     else:
-        print("no whole head or MLP neuron is pruned: only the model as trained is measured", file=sys.stderr)
-    return arms, [1, batch], str(run_dir)
+        print("no whole head or MLP neuron is pruned: no smaller model", file=sys.stderr)
+    structure = (summary.get("sparsity_structure") or {}).get("kind")
+    if where.device.type == "cuda" or structure == "nm":  # a CPU only says why nothing is converted
+        sparse = as_semi_structured(arms["dense"], set(final.masks), where, info, nm=structure == "nm")
+        if sparse is not None:
+            arms["sparse24"] = sparse
+    return arms, batch
 
 
-def main() -> int:
-    scale = knob("BENCH_SCALE", 1.0, minimum=0.02)
-    torch.set_num_threads(knob("BENCH_THREADS", 2, minimum=1))
-    repeats = knob("BENCH_REPEATS", 5, minimum=1)
-    try:
-        arms, batches, source = arms_to_measure(make_variable("RESULTS"), scale, knob("BENCH_BATCH", 8, minimum=1))
-    except KpruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result: dict = {"source": source, "batch_sizes": batches, "context": arms["dense"].cfg.block_size,
-                    "repeats": repeats}
+def bench_arms(arms: dict[str, GPT], batches: list[int], repeats: int) -> dict:
+    """Every arm measured, with its speedup over `dense`; `pruned_arm` names what pruning bought, if anything."""
+    result: dict = {"batch_sizes": batches, "context": arms["dense"].cfg.block_size, "repeats": repeats}
     measured = {name: measure(model, batches, repeats) for name, model in arms.items()}
     for name, m in measured.items():
         result[f"{name}_params"], result[f"{name}_peak_bytes"] = m["params"], m["peak_bytes"]
@@ -130,7 +213,67 @@ def main() -> int:
             result[f"{name}_latency_s_b{b}"] = m[f"latency_s_b{b}"]
             if name != "dense":
                 result[f"{name}_speedup_b{b}"] = measured["dense"][f"latency_s_b{b}"] / m[f"latency_s_b{b}"]
-    emit(result)
+    bought = next((name for name in BOUGHT if name in arms), None)
+    result["pruned_arm"] = bought
+    for b in batches:  # nothing bought: the pruned model is the dense computation, 1.0x by construction
+        result[f"speedup_b{b}"] = result[f"{bought}_speedup_b{b}"] if bought else 1.0
+    return result
+
+
+def runs_to_measure(path: Path) -> tuple[list[Path], bool]:
+    """The run directories RESULTS names: itself, or a matrix's completed runs; and whether it is a matrix."""
+    if not path.is_dir():
+        raise KpruneError(f"RESULTS={path} is no directory: give a run directory (the `results:` line of "
+                          "make train) or a matrix directory")
+    if not (path / "plan.json").is_file():
+        return [path], False
+    matrix = load_matrix(path)  # refuses a matrix without a completed run
+    skipped = [r.id for r in matrix.runs if not r.complete]
+    if skipped:
+        print(f"not complete, not measured: {', '.join(skipped)}", file=sys.stderr)
+    return [r.path for r in matrix.runs if r.complete], True
+
+
+def main() -> int:
+    scale = knob("BENCH_SCALE", 1.0, minimum=0.02)
+    torch.set_num_threads(knob("BENCH_THREADS", 2, minimum=1))
+    repeats = knob("BENCH_REPEATS", 5, minimum=1)
+    batch = knob("BENCH_BATCH", 8, minimum=1)
+    results = make_variable("RESULTS")
+    try:
+        where = Where(pick_device(choice_knob("BENCH_DEVICE", "auto", ("auto", "cpu", "cuda"))))
+        if not results:
+            info: dict = {}
+            arms = random_arms(scale, where, info)
+            measured = bench_arms(arms, list(dict.fromkeys([1, batch])), repeats)
+            emit({"source": f"random GPT-2 124M shape x {scale}", "device": where.name,
+                  "dtype": str(where.dtype).removeprefix("torch."), **measured, **info})
+            return 0
+        run_dirs, is_matrix = runs_to_measure(Path(results))
+        written = 0
+        for run_dir in run_dirs:
+            info, stamp = {}, model_file_stamp(run_dir)  # which final model this measures
+            try:
+                arms, run_batch = run_arms(run_dir, where, info)
+            except KpruneError as exc:
+                if not is_matrix:
+                    raise
+                print(f"not measured: {run_dir.name}: {exc}", file=sys.stderr)
+                continue
+            measured = bench_arms(arms, list(dict.fromkeys([1, run_batch or batch])), repeats)
+            result = {"source": str(run_dir), "device": where.name, "dtype": str(where.dtype).removeprefix("torch."),
+                      "model_file": stamp, **measured, **info,
+                      "threads": torch.get_num_threads(), "torch": torch.__version__}
+            del arms  # one run's models at a time
+            write_json_atomic(run_dir / RESULT_FILE, result)
+            emit(result)
+            print(f"wrote: {run_dir / RESULT_FILE}", file=sys.stderr)
+            written += 1
+        if not written:
+            raise KpruneError(f"no run of {results} could be measured (only GPT-2 runs with a final model can)")
+    except KpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

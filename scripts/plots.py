@@ -5,10 +5,11 @@
 Without --results, the newest matrix-*/ directory (by the UTC stamp in its
 name, then modification time) under the output root is used: --output-root,
 else OUTPUT_DIR from ./.config (where `make test-matrix` writes), else
-results/. Writes <dir>/plots/*.png and <dir>/report.md, prints their paths
-(the last line is `report: <path>`), a `warning:` line on stderr for each
-results file it could not read in full, and exits with status 2 and a
-message on bad input.
+results/. Writes <dir>/plots/*.png (quality_vs_speed.png only when `make
+bench-inference` measured some run; a note says so otherwise) and
+<dir>/report.md, prints their paths (the last line is `report: <path>`), a
+`warning:` line on stderr for each results file it could not read in full,
+and exits with status 2 and a message on bad input.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lib.cli import make_variable
 from lib.errors import KpruneError
 from lib.kconfig import settings_from_kconfig
 from lib.report.build import Report, build_report
+from lib.report.plots import SPEED_PLOT
 from lib.report.runs import newest_matrix_dir
 from scripts.kconfig import DOT_CONFIG, load_dot_config
 
@@ -42,6 +44,8 @@ def print_report(report: Report) -> None:
         print(f"warning: {problem}", file=sys.stderr)
     for path in report.plots.values():
         print(f"plot: {path}")
+    if SPEED_PLOT not in report.plots:
+        print("note: no quality-vs-speed plot: no run was measured (make bench-inference RESULTS=<matrix dir>)")
     unfair = len(report.audit.unfair)
     print(f"audit: {len(report.audit.comparisons)} comparisons, {unfair} with differences besides the intended "
           "axis or confounded")

@@ -9,6 +9,7 @@ from typing import Any
 
 from lib.report.audit import Audit, Comparison
 from lib.report.baseline import CONTEXT_AXES, baseline_for
+from lib.report.inference import format_inference
 from lib.report.labels import arm_label, format_axis
 from lib.report.runs import Arm, Matrix, status_counts
 from lib.report.stats import ONE_SEED, Estimate, Paired, Spread, estimate, paired, spread, verdict
@@ -19,7 +20,10 @@ LOWER_IS_BETTER = {"val_ppl": True, "val_loss": True, "val_accuracy": False}
 DECIMALS = {"val_ppl": 2, "val_loss": 4, "val_accuracy": 4}
 PLOT_TITLES = {"loss.png": "Training loss", "validation.png": "Validation quality",
                "sparsity.png": "Target vs achieved sparsity", "quality_vs_sparsity.png": "Final quality vs sparsity",
-               "memory.png": "Memory by kind", "throughput.png": "Throughput"}
+               "memory.png": "Memory by kind", "throughput.png": "Throughput",
+               "quality_vs_speed.png": "Final quality vs measured inference speedup"}
+NO_SPEED_PLOT = ("No quality-vs-speed plot: no run of this matrix has been measured. `make bench-inference "
+                 "RESULTS=<matrix dir>` measures every completed run; then `make plots` again.")
 
 
 def _cell(text: Any) -> str:
@@ -119,7 +123,8 @@ def _arm_row(matrix: Matrix, arm: Arm, mixed: bool, audit: Audit) -> list[str]:
             "—" if sparsity is None else f"{sparsity:.4f}",
             "—" if throughput is None else f"{throughput:,.0f} {arm.summary_value('throughput_unit') or ''}".strip(),
             "—" if totals is None else f"{totals.mean / MIB:.2f}",
-            ", ".join(str(i) for i in iterations) or "—"]
+            ", ".join(str(i) for i in iterations) or "—",
+            format_inference(arm.inference, len(arm.complete_runs))]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -164,7 +169,7 @@ def _incomplete_section(matrix: Matrix) -> list[str]:
 
 
 def _damaged_section(matrix: Matrix) -> list[str]:
-    damaged = [r.damaged for r in matrix.runs if r.damaged]
+    damaged = [p for r in matrix.runs for p in (r.damaged, r.inference_problem) if p]
     if not damaged:
         return []
     return ["", "## Files not read in full", "", *[f"- {_cell(d)}" for d in damaged]]
@@ -189,7 +194,7 @@ def _results_section(matrix: Matrix, audit: Audit) -> list[str]:
     quality = "final quality" if mixed or not keys else f"final {next(iter(keys))}"
     header = ["arm", "method", "optimizer", "target sparsity", "schedule", "seeds (n)", f"{quality} (mean ± std)",
               "95% CI", "Δ vs baseline (paired, 95% CI)", "final sparsity (mean)", "throughput (mean)",
-              "memory total (MiB)", "iterations"]
+              "memory total (MiB)", "iterations", "inference speedup vs dense (measured)"]
     directions = "; ".join(f"{k}: {'lower' if low else 'higher'} is better, so a "
                            f"{'negative' if low else 'positive'} Δ is an improvement"
                            for k, low in LOWER_IS_BETTER.items() if k in keys)
@@ -199,7 +204,11 @@ def _results_section(matrix: Matrix, audit: Audit) -> list[str]:
             "minus the baseline seed by seed, averaged over the seeds both completed, with its 95% interval and "
             "the relative change; \"better\" or \"worse\" only when the interval excludes 0, else \"not "
             f"significant\" ({directions or 'no known direction for this metric'}). An arm of another model or "
-            "target sparsity is compared with the arm that has the baseline's settings there, named after \"vs\".",
+            "target sparsity is compared with the arm that has the baseline's settings there, named after \"vs\". "
+            "Inference speedup: the dense model's forward latency over that of what the pruning bought (the "
+            "smaller model, or the 2:4 kernels on CUDA), at batch 1 and at the training batch, as `make "
+            "bench-inference` measured it on the device named (mean over the measured runs); a pruned model "
+            "with no faster form runs the dense kernels, 1.00× by construction; — where no run was measured.",
             "", *_table(header, [_arm_row(matrix, a, mixed, audit) for a in matrix.arms])]
 
 
@@ -280,6 +289,8 @@ def _plots_section(matrix: Matrix, plots: dict[str, Path]) -> list[str]:
         title = PLOT_TITLES.get(name, name)
         rel = Path(os.path.relpath(path, matrix.path)).as_posix()
         lines += ["", f"### {title}", "", f"![{title}]({rel})"]
+    if "quality_vs_speed.png" not in plots:
+        lines += ["", NO_SPEED_PLOT]
     return lines
 
 

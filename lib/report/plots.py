@@ -2,8 +2,9 @@
 
 Figures are built on matplotlib's Agg canvas directly (no pyplot), so drawing
 needs no display and leaves no global figure state behind. Every value comes
-from summary.json and metrics.jsonl; arms without a completed run are left
-out here and listed in report.md.
+from summary.json and metrics.jsonl (and, for quality_vs_speed.png, the runs'
+inference.json: drawn only when `make bench-inference` measured some run);
+arms without a completed run are left out here and listed in report.md.
 """
 
 from __future__ import annotations
@@ -217,6 +218,34 @@ def quality_vs_sparsity_figure(matrix: Matrix) -> Figure:
     return fig
 
 
+def quality_vs_speed_figure(matrix: Matrix) -> Figure:
+    """Final quality against the measured inference speedup at the training batch, one labelled point per arm."""
+    groups = {k: [a for a in arms if a.inference] for k, arms in _by_model(matrix, _quality_group).items()}
+    groups = {k: arms for k, arms in groups.items() if arms}
+    colors = arm_colors(matrix)
+    fig, axes = _figure(len(groups), 6.4)
+    for ax, arms in zip(axes, groups.values()):
+        for arm in arms:
+            speed = arm.inference
+            q = spread([r.quality for r in arm.complete_runs if r.inference is not None])  # the measured seeds
+            if q is None:
+                continue
+            label = arm_label(matrix, arm, leave_out=("model",))
+            ax.errorbar([speed.at_training_batch], [q.mean], yerr=[q.std], marker="o", markersize=7, capsize=4,
+                        linestyle="none", color=colors[arm.id], label=f"{label} (n={q.n})")
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":")  # no faster than dense
+        key = arms[0].quality_key or "?"
+        devices = ", ".join(sorted({d for a in arms for d in a.inference.devices}))
+        batches = ", ".join(f"b{b}" for b in sorted({a.inference.training_batch for a in arms}))
+        ax.set_title(f"Final {QUALITY.get(key, (key,))[0]} vs speed, {arms[0].model} ({devices})", fontsize="medium")
+        ax.set_xlabel(f"measured speedup over dense at the training batch ({batches}); dotted: dense speed")
+        ax.set_ylabel(f"final {quality_name(key)}")
+        ax.legend(fontsize="small")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Quality vs measured speed: mean ± 1 std over the measured seeds")
+    return fig
+
+
 def _bar_axes(ax: Axes, matrix: Matrix, arms: list[Arm]) -> None:
     labels = [arm_label(matrix, a, leave_out=("model",)) for a in arms]  # the panel title names the model
     ax.set_xticks(range(len(arms)), labels, rotation=30, ha="right")
@@ -303,8 +332,15 @@ FIGURES: dict[str, Callable[[Matrix], Figure]] = {
 }
 
 
+SPEED_PLOT = "quality_vs_speed.png"
+
+
 def write_plots(matrix: Matrix, out_dir: Path | None = None) -> dict[str, Path]:
-    """Draw every figure into `out_dir` (default `<matrix dir>/plots`); returns file name -> path."""
+    """Draw every figure into `out_dir` (default `<matrix dir>/plots`); returns file name -> path.
+
+    quality_vs_speed.png only when some arm was measured by `make bench-inference`; else none is drawn
+    (one left from an earlier measurement is removed, so no plot outlives its data).
+    """
     out_dir = Path(out_dir) if out_dir is not None else matrix.path / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -315,4 +351,11 @@ def write_plots(matrix: Matrix, out_dir: Path | None = None) -> dict[str, Path]:
         fig.savefig(buf, format="png", dpi=110)
         write_bytes_atomic(out_dir / name, buf.getvalue())
         written[name] = out_dir / name
+    if any(arm.inference for arm in matrix.arms):
+        buf = io.BytesIO()
+        quality_vs_speed_figure(matrix).savefig(buf, format="png", dpi=110)
+        write_bytes_atomic(out_dir / SPEED_PLOT, buf.getvalue())
+        written[SPEED_PLOT] = out_dir / SPEED_PLOT
+    else:
+        (out_dir / SPEED_PLOT).unlink(missing_ok=True)
     return written

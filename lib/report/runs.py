@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lib.errors import KpruneError
+from lib.report.inference import ArmInference, Inference, arm_inference, read_inference
 from lib.results import read_metrics_lines
 
 AXIS_ORDER = ("model", "optimizer", "method", "target_sparsity", "schedule")
@@ -49,6 +50,8 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     problem: str | None = None  # why summary.json could not be used, when it exists but is unreadable
     damaged: str | None = None  # what was wrong in metrics.jsonl: the rows it could not read were left out
+    inference: Inference | None = None  # what make bench-inference measured (inference.json), if it ran
+    inference_problem: str | None = None  # why inference.json could not be used, when it exists
 
     @property
     def status(self) -> str:
@@ -148,6 +151,11 @@ class Arm:
     def quality_key(self) -> str | None:
         return self.summary_value("quality_metric")
 
+    @property
+    def inference(self) -> ArmInference | None:
+        """The mean measured inference speedups of its completed runs that `make bench-inference` measured."""
+        return arm_inference([r.inference for r in self.complete_runs])
+
 
 @dataclass
 class Matrix:
@@ -195,7 +203,7 @@ class Matrix:
     @property
     def problems(self) -> list[str]:
         """One line per file that could not be read in full, each naming the file and what to do."""
-        return [p for r in self.runs for p in (r.problem, r.damaged) if p]
+        return [p for r in self.runs for p in (r.problem, r.damaged, r.inference_problem) if p]
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
@@ -248,6 +256,7 @@ def _load_run(entry: dict, runs_dir: Path) -> Run:
     metrics_path = run.path / "metrics.jsonl"
     if metrics_path.is_file():
         run.metrics, run.damaged = read_metrics_rows(metrics_path)
+    run.inference, run.inference_problem = read_inference(run.path)
     return run
 
 

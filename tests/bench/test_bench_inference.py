@@ -7,21 +7,45 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from safetensors.torch import save
 
 from bench import inference
-from lib.export import final_model_files
+from gpt2.model import config_for
+from lib.export import MASKS_FILE, final_model_files
+from lib.report.inference import RESULT_FILE, read_inference
+from lib.semi_structured import CPU_NOTE, Conversion, LayerChoice
+from tests.lib.report.conftest import MatrixBuilder
 from tests.test_shrink import unit_pruned_gpt
 
 
-def run_bench(monkeypatch, capsys, **env: str) -> dict:
+def bench_output(monkeypatch, capsys, **env: str) -> tuple[list[dict], str]:
+    """bench-inference's JSON lines and its stderr, on the CPU at a tiny scale."""
     for name, value in {"BENCH_SCALE": "0.05", "BENCH_REPEATS": "1", "BENCH_BATCH": "2", "BENCH_THREADS": "1",
-                        **env}.items():
+                        "BENCH_DEVICE": "cpu", **env}.items():
         monkeypatch.setenv(name, value)
     assert inference.main() == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    captured = capsys.readouterr()
+    return [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")], captured.err
+
+
+def run_bench(monkeypatch, capsys, **env: str) -> dict:
+    """The one JSON line bench-inference prints."""
+    lines, _ = bench_output(monkeypatch, capsys, **env)
     assert len(lines) == 1
-    return json.loads(lines[0])
+    return lines[0]
+
+
+def write_run(run_dir, model, summary: dict) -> None:
+    """A run directory as a GPT-2 run leaves it: its final model, the masks of the block weights (True where
+    zero) and summary.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in final_model_files(model, "gpt2-tiny", 12).items():
+        (run_dir / name).write_bytes(data)
+    masks = {name: (model.get_parameter(name) == 0).contiguous() for name in inference.block_weight_names(model)}
+    (run_dir / MASKS_FILE).write_bytes(save(masks, metadata={"kprune": json.dumps({"meaning": "True = pruned"})}))
+    (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
 def test_the_pruned_arms_have_the_structure_they_are_named_after():
@@ -59,10 +83,70 @@ def test_without_results_it_times_dense_and_three_structures(monkeypatch, capsys
 
 def test_with_a_run_it_times_the_model_against_its_smaller_self(tmp_path, monkeypatch, capsys):
     model = unit_pruned_gpt()
-    for name, data in final_model_files(model, "gpt2-tiny", 12).items():
-        (tmp_path / name).write_bytes(data)
-    (tmp_path / "summary.json").write_text(json.dumps({"settings": {"batch_size": 3}}))
+    write_run(tmp_path, model, {"settings": {"batch_size": 3}})
     out = run_bench(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
     assert out["source"] == str(tmp_path) and out["batch_sizes"] == [1, 3] and out["context"] == 64
     assert out["dense_params"] == sum(p.numel() for p in model.parameters()) > out["smaller_params"]
     assert {"smaller_latency_s_b3", "smaller_speedup_b1", "smaller_speedup_b3"} <= out.keys()
+    assert out["device"] == "cpu" and out["dtype"] == "float32" and out["pruned_arm"] == "smaller"
+    # The same result is kept in the run directory, and the report reads the speedups from it.
+    assert json.loads((tmp_path / RESULT_FILE).read_text()) == out
+    kept, problem = read_inference(tmp_path)
+    assert problem is None and kept.device == "cpu" and kept.pruned_arm == "smaller"
+    assert kept.speedup == {1: out["smaller_speedup_b1"], 3: out["smaller_speedup_b3"]}
+
+
+def test_a_2of4_run_on_a_cpu_runs_dense_and_says_why(tmp_path, monkeypatch, capsys):
+    model = inference.prune_half(inference.GPT(config_for("tiny", 64, 0.0)).eval(), "nm")
+    write_run(tmp_path, model, {"settings": {"batch_size": 2}, "sparsity_structure": {"kind": "nm"}})
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert CPU_NOTE in err
+    assert out["semi_structured"] == {"converted": 0, "dense": {}, "note": CPU_NOTE}
+    assert out["pruned_arm"] is None and out["speedup_b1"] == out["speedup_b2"] == 1.0
+    assert not any(key.startswith(("smaller_", "sparse24_")) for key in out)
+
+
+@pytest.mark.slow  # times a model: over a second
+def test_with_a_matrix_it_measures_each_completed_run(tmp_path, monkeypatch, capsys):
+    builder = MatrixBuilder(root=tmp_path)
+    done = builder.add(method="magnitude", seed=1)
+    stopped = builder.add(method="magnitude", seed=2, status="interrupted")
+    lenet = builder.add(model="lenet5", method="magnitude", seed=1, quality=0.98)
+    path = builder.write()
+    for run in (done, stopped):  # an interrupted run has a final model too, but the report leaves it out
+        write_run(path / "runs" / run.id, unit_pruned_gpt(), json.loads((path / "runs" / run.id / "summary.json")
+                                                                        .read_text()))
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(path))
+    assert out["source"] == str(path / "runs" / done.id) and out["batch_sizes"] == [1, 8]
+    assert json.loads((path / "runs" / done.id / RESULT_FILE).read_text()) == out
+    assert not any((p / RESULT_FILE).exists() for p in (path / "runs").iterdir() if p.name != done.id)
+    assert f"not complete, not measured: {stopped.id}" in err
+    assert f"not measured: {lenet.id}: " in err  # a LeNet-5 run has no final GPT-2 to time
+
+
+def test_a_2of4_run_whose_layers_convert_is_timed_on_the_kernels(tmp_path, monkeypatch, capsys):
+    """What happens on CUDA, wired on the CPU: the conversion (CUDA only, checked by make check-gpu) is
+    stood in for by one that reports every pruned layer converted, leaving the weights as they are."""
+    def converts_every_pruned_layer(model, pruned):
+        layers = [LayerChoice(n.removesuffix(".weight"), (0, 0), True, "2:4") for n in sorted(pruned)]
+        return Conversion(layers=layers + [LayerChoice("lm_head", (0, 0), False, "not pruned by the run (no mask)")],
+                          backend="cutlass")
+    monkeypatch.setattr(inference, "semi_structured_for", converts_every_pruned_layer)
+    monkeypatch.setattr(inference.Where, "place", lambda self, model: model.eval())
+    model = inference.prune_half(inference.GPT(config_for("tiny", 64, 0.0)).eval(), "nm")
+    write_run(tmp_path, model, {"settings": {"batch_size": 2}, "sparsity_structure": {"kind": "nm"}})
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert out["semi_structured"] == {"converted": 16, "dense": {"lm_head": "not pruned by the run (no mask)"},
+                                      "backend": "cutlass"}
+    assert "16 Linear layers converted (cutlass)" in err and "left dense: lm_head: not pruned" in err
+    assert out["pruned_arm"] == "sparse24"
+    assert (out["speedup_b1"], out["speedup_b2"]) == (out["sparse24_speedup_b1"], out["sparse24_speedup_b2"])
+    assert read_inference(tmp_path)[0].pruned_arm == "sparse24"
+
+
+def test_an_already_smaller_model_is_measured_as_it_is(tmp_path, monkeypatch, capsys):
+    small = inference.shrink(unit_pruned_gpt())  # what make export writes into export/small
+    write_run(tmp_path, small, {"settings": {"batch_size": 2}})
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert "already a smaller one" in err and out["pruned_arm"] is None
+    assert out["dense_params"] == sum(p.numel() for p in small.parameters())
