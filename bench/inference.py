@@ -1,15 +1,17 @@
-"""`make bench-inference`: forward latency and memory of a dense GPT-2 against what pruning bought.
+"""`make bench-inference`: forward latency and memory of a dense model against what pruning bought.
 
-With RESULTS=<run dir> (a GPT-2 run with a final model): the run's model as
-trained (full shape, pruned weights as zeros: what a dense model of its shape
-costs) against what its pruning buys: the smaller model without the heads
-and MLP neurons pruning removed whole (gpt2/shrink.py), when there are any;
-on CUDA, the model with its 2:4-pruned Linear layers as semi-structured
-sparse weights (lib/semi_structured.py), when any qualify. The result is also
-written to <run dir>/inference.json, which `make plots` reads. With
-RESULTS=<matrix dir>: each completed run of the matrix in turn, one JSON line
-and one inference.json each. Without RESULTS: a 124M-shaped GPT-2 (random
-weights: timing does not depend on them) dense, and pruned 50% three ways:
+With RESULTS=<run dir> (a GPT-2, LeNet-5 or ResNet run with a final model):
+the run's model as trained (full shape, pruned weights as zeros: what a
+dense model of its shape costs) against what its pruning buys: the smaller
+model without the units pruning removed whole (GPT-2 heads and MLP neurons,
+LeNet-5 conv filters and fc neurons, ResNet block-internal filters: the
+<model>/shrink.py make export uses), when there are any; on CUDA, the model
+with its 2:4-pruned Linear layers as semi-structured sparse weights
+(lib/semi_structured.py), when any qualify. The result is also written to
+<run dir>/inference.json, which `make plots` reads. With RESULTS=<matrix
+dir>: each completed run of the matrix in turn, one JSON line and one
+inference.json each. Without RESULTS: a 124M-shaped GPT-2 (random weights:
+timing does not depend on them) dense, and pruned 50% three ways:
 `unstructured` keeps the shape and runs the same dense matmuls (about 1.0x);
 `nm` (2:4) does too on a CPU, and runs the 2:4 kernels on CUDA; `channel`
 removes half the heads and half the MLP neurons of every block and runs
@@ -17,7 +19,8 @@ smaller.
 
 One process, one JSON line per model measured. For each arm and each batch
 size (1 and a training-sized batch: BENCH_BATCH, default 8, or the run's
-BATCH_SIZE) of full-context sequences: `<arm>_latency_s_b<batch>`, the median
+BATCH_SIZE) of random inputs (GPT-2: full-context token sequences; LeNet-5:
+1x28x28 images; ResNet: 3x32x32): `<arm>_latency_s_b<batch>`, the median
 over BENCH_REPEATS (default 5) forwards after one warm-up; `<arm>_speedup_b<batch>`
 = dense / arm; `<arm>_peak_bytes`, the memory a forward at the larger batch
 adds (resident-set high-water mark on a CPU, CUDA peak allocation on a GPU);
@@ -39,13 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from bench.knobs import choice_knob, knob
 from bench.output import emit
 from bench.pruning import _reset_high_water, _status_bytes
-from gpt2.hf import gpt_from_final
 from gpt2.model import GPT, GPTConfig
 from gpt2.shrink import shrink
+from lenet5.model import LeNet5
 from lib.cli import make_variable
 from lib.device import pick_device
 from lib.errors import KpruneError
@@ -54,6 +58,8 @@ from lib.report.inference import RESULT_FILE, model_file_stamp
 from lib.report.runs import load_matrix
 from lib.results import write_json_atomic
 from lib.semi_structured import keep_two_of_four, semi_structured_for
+from resnet.model import ResNet
+from scripts.export import model_from_final, shrink_module
 
 # What a run's pruning can buy, first found first: the report's speedup is this arm's.
 BOUGHT = ("sparse24", "smaller")
@@ -74,7 +80,7 @@ class Where:
     def name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
-    def place(self, model: GPT) -> GPT:
+    def place(self, model: nn.Module) -> nn.Module:
         return model.to(self.device, self.dtype).eval()
 
 
@@ -111,7 +117,8 @@ def prune_half(model: GPT, structure: str) -> GPT:
     return shrink(pruned) if structure == "channel" else pruned
 
 
-def as_semi_structured(model: GPT, pruned: set[str], where: Where, info: dict, nm: bool = True) -> GPT | None:
+def as_semi_structured(model: nn.Module, pruned: set[str], where: Where, info: dict,
+                       nm: bool = True) -> nn.Module | None:
     """A copy of `model` (already placed) with its 2:4 layers on the 2:4 kernels, or None when none qualify.
 
     Records what was converted and what stayed dense (with reasons) in `info`, and says it on stderr:
@@ -131,7 +138,27 @@ def as_semi_structured(model: GPT, pruned: set[str], where: Where, info: dict, n
     return sparse if conversion.converted else None
 
 
-def measure(model: GPT, batches: list[int], repeats: int) -> dict:
+def example_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one input of `model`: GPT-2 a full context of token ids, LeNet-5 a 1x28x28 image (MNIST),
+    ResNet a 3x32x32 one (CIFAR)."""
+    if isinstance(model, GPT):
+        return (model.cfg.block_size,)
+    if isinstance(model, LeNet5):
+        return (1, 28, 28)
+    if isinstance(model, ResNet):
+        return (3, 32, 32)
+    raise KpruneError(f"bench-inference has no input for a {type(model).__name__}: it times GPT-2, LeNet-5 and ResNet")
+
+
+def random_inputs(model: nn.Module, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """`batch` random inputs of `model`, on its device and (images) in its dtype: timing does not depend on values."""
+    param = next(model.parameters())
+    if isinstance(model, GPT):
+        return torch.randint(0, 50257, (batch, *example_shape(model)), generator=gen).to(param.device)
+    return torch.randn((batch, *example_shape(model)), generator=gen).to(param.device, param.dtype)
+
+
+def measure(model: nn.Module, batches: list[int], repeats: int) -> dict:
     """Median forward latency per batch size, and the memory a forward at the largest batch adds."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -141,25 +168,25 @@ def measure(model: GPT, batches: list[int], repeats: int) -> dict:
     # no_grad rather than inference_mode: the 2:4 weights are a tensor subclass inference tensors do not mix with.
     with torch.no_grad():
         for batch in batches:
-            idx = torch.randint(0, 50257, (batch, model.cfg.block_size), generator=gen).to(device)
-            model(idx)  # warm-up: first-call allocations and kernel choices
+            inputs = random_inputs(model, batch, gen)
+            model(inputs)  # warm-up: first-call allocations and kernel choices
             sync()
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                model(idx)
+                model(inputs)
                 sync()
                 times.append(time.perf_counter() - t0)
             out[f"latency_s_b{batch}"] = statistics.median(times)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            model(idx)
+            model(inputs)
             sync()
             out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
         else:
             before, measured = _status_bytes("VmRSS"), _reset_high_water()
-            model(idx)
+            model(inputs)
             out["peak_bytes"] = max(0, _status_bytes("VmHWM") - before) if measured else None
     return out
 
@@ -176,25 +203,35 @@ def random_arms(scale: float, where: Where, info: dict) -> dict[str, GPT]:
     return arms
 
 
-def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, GPT], int | None]:
+def smaller_model(model: nn.Module, name: str) -> nn.Module | None:
+    """`model` without the units its pruning removed whole; None, saying why, when that is no smaller model.
+
+    Run on the CPU in fp32, before the model moves: the cut follows its exact zeros.
+    """
+    if isinstance(model, GPT) and (model.cfg.heads is not None or model.cfg.hidden is not None):
+        print("the model is already a smaller one (export/small): it is measured as it is", file=sys.stderr)
+        return None
+    kind = shrink_module(name)
+    small = kind.shrink(model)
+    if sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters()):
+        return small
+    print(f"no whole {kind.UNITS} is pruned: no smaller model", file=sys.stderr)
+    return None
+
+
+def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, nn.Module], int | None]:
     """The run's model as trained and what its pruning buys; the run's training batch size when recorded."""
     final = read_final_model(run_dir)
-    model = gpt_from_final(final, run_dir)
+    model = model_from_final(final, run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}  # a run directory without a readable summary: BENCH_BATCH
     batch = (summary.get("settings") or {}).get("batch_size")
-    # On the CPU in fp32, before the model moves: the cut follows its exact zeros.
-    small = shrink(model) if model.cfg.heads is None and model.cfg.hidden is None else None
+    small = smaller_model(model, final.metadata["model"])
     arms = {"dense": where.place(model)}
-    if small is None:
-        print("the model is already a smaller one (export/small): it is measured as it is", file=sys.stderr)
-    elif sum(small.cfg.heads) < model.cfg.n_layer * model.cfg.n_head or \
-            sum(small.cfg.hidden) < model.cfg.n_layer * 4 * model.cfg.n_embd:
+    if small is not None:
         arms["smaller"] = where.place(small)
-    else:
-        print("no whole head or MLP neuron is pruned: no smaller model", file=sys.stderr)
     structure = (summary.get("sparsity_structure") or {}).get("kind")
     if where.device.type == "cuda" or structure == "nm":  # a CPU only says why nothing is converted
         sparse = as_semi_structured(arms["dense"], set(final.masks), where, info, nm=structure == "nm")
@@ -203,9 +240,11 @@ def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, GPT], i
     return arms, batch
 
 
-def bench_arms(arms: dict[str, GPT], batches: list[int], repeats: int) -> dict:
+def bench_arms(arms: dict[str, nn.Module], batches: list[int], repeats: int) -> dict:
     """Every arm measured, with its speedup over `dense`; `pruned_arm` names what pruning bought, if anything."""
-    result: dict = {"batch_sizes": batches, "context": arms["dense"].cfg.block_size, "repeats": repeats}
+    dense = arms["dense"]
+    shape = {"context": dense.cfg.block_size} if isinstance(dense, GPT) else {"input_shape": list(example_shape(dense))}
+    result: dict = {"batch_sizes": batches, **shape, "repeats": repeats}
     measured = {name: measure(model, batches, repeats) for name, model in arms.items()}
     for name, m in measured.items():
         result[f"{name}_params"], result[f"{name}_peak_bytes"] = m["params"], m["peak_bytes"]
@@ -270,7 +309,7 @@ def main() -> int:
             print(f"wrote: {run_dir / RESULT_FILE}", file=sys.stderr)
             written += 1
         if not written:
-            raise KpruneError(f"no run of {results} could be measured (only GPT-2 runs with a final model can)")
+            raise KpruneError(f"no run of {results} could be measured (only runs with a final model can)")
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,11 +13,18 @@ from safetensors.torch import save
 
 from bench import inference
 from gpt2.model import config_for
-from lib.export import MASKS_FILE, final_model_files
+from lenet5.model import LeNet5
+from lib.export import MASKS_FILE, final_model_files, read_final_model
+from lib.report.audit import audit_matrix
 from lib.report.inference import RESULT_FILE, read_inference
+from lib.report.markdown import render_report
+from lib.report.runs import load_matrix
 from lib.semi_structured import CPU_NOTE, Conversion, LayerChoice
+from scripts import export
 from tests.lib.report.conftest import MatrixBuilder
+from tests.lib.report.test_report_markdown import _rows
 from tests.test_shrink import unit_pruned_gpt
+from tests.test_shrink_convnets import LENET_PARAMS, LENET_SMALL, pruned_lenet, pruned_resnet
 
 
 def bench_output(monkeypatch, capsys, **env: str) -> tuple[list[dict], str]:
@@ -121,7 +128,7 @@ def test_with_a_matrix_it_measures_each_completed_run(tmp_path, monkeypatch, cap
     assert json.loads((path / "runs" / done.id / RESULT_FILE).read_text()) == out
     assert not any((p / RESULT_FILE).exists() for p in (path / "runs").iterdir() if p.name != done.id)
     assert f"not complete, not measured: {stopped.id}" in err
-    assert f"not measured: {lenet.id}: " in err  # a LeNet-5 run has no final GPT-2 to time
+    assert f"not measured: {lenet.id}: " in err  # this LeNet-5 run wrote no final model
 
 
 def test_a_2of4_run_whose_layers_convert_is_timed_on_the_kernels(tmp_path, monkeypatch, capsys):
@@ -150,3 +157,57 @@ def test_an_already_smaller_model_is_measured_as_it_is(tmp_path, monkeypatch, ca
     [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
     assert "already a smaller one" in err and out["pruned_arm"] is None
     assert out["dense_params"] == sum(p.numel() for p in small.parameters())
+
+
+def write_convnet_run(run_dir, model, name: str, summary: dict) -> None:
+    """A run directory as a LeNet-5 or ResNet run leaves it: its final model and summary.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for file, data in final_model_files(model, name, 12).items():
+        (run_dir / file).write_bytes(data)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_a_channel_pruned_lenet5_matrix_run_is_timed_against_its_export_small(tmp_path, monkeypatch, capsys):
+    builder = MatrixBuilder(root=tmp_path)
+    run = builder.add(model="lenet5", method="bitter7", seed=1, quality=0.98)
+    path = builder.write()
+    run_dir = path / "runs" / run.id
+    model, _ = pruned_lenet()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    write_convnet_run(run_dir, model, "lenet5", {**summary, "sparsity_structure": {"kind": "channel"}})
+    assert export.main(["--results", str(run_dir)]) == 0  # export/small: the smaller model a user gets
+    final_small = read_final_model(run_dir / "export" / "small")
+    small_params = sum(p.numel() for p in export.model_from_final(final_small, run_dir).parameters())
+    capsys.readouterr()
+
+    [out], _ = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(path))
+    assert out["source"] == str(run_dir) and out["input_shape"] == [1, 28, 28] and "context" not in out
+    assert out["batch_sizes"] == [1, summary["settings"]["batch_size"]] == [1, 128]
+    assert out["pruned_arm"] == "smaller" and out["speedup_b128"] == out["smaller_speedup_b128"]
+    assert out["dense_params"] == LENET_PARAMS > out["smaller_params"] == small_params == LENET_SMALL
+    assert json.loads((run_dir / RESULT_FILE).read_text()) == out
+    # report.md's inference column for the arm: its measured speedups on the smaller model
+    matrix = load_matrix(path)
+    cell = _rows(render_report(matrix, audit_matrix(matrix), {}))[run.arm][-1]
+    assert cell == f"{out['speedup_b1']:.2f}× b1, {out['speedup_b128']:.2f}× b128 (cpu; smaller model)"
+
+
+def test_a_channel_pruned_resnet_run_is_timed_on_cifar_shaped_images(tmp_path, monkeypatch, capsys):
+    model, owned = pruned_resnet(18)
+    write_convnet_run(tmp_path, model, "resnet18-cifar10", {"settings": {"batch_size": 2}})
+    [out], _ = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert out["input_shape"] == [3, 32, 32] and out["batch_sizes"] == [1, 2] and out["pruned_arm"] == "smaller"
+    assert out["dense_params"] - out["smaller_params"] == owned
+
+
+def test_an_unstructured_lenet5_run_is_the_dense_computation(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    with torch.no_grad():
+        model.fc1.weight.mul_(torch.rand(model.fc1.weight.shape) > 0.5)  # scattered zeros: no whole unit
+    write_convnet_run(tmp_path, model, "lenet5", {"settings": {"batch_size": 4},
+                                                  "sparsity_structure": {"kind": "unstructured"}})
+    [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
+    assert "no whole conv filter or fc neuron is pruned: no smaller model" in err
+    assert out["pruned_arm"] is None and out["speedup_b1"] == out["speedup_b4"] == 1.0
+    assert not any(key.startswith(("smaller_", "sparse24_")) for key in out)
