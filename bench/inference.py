@@ -57,7 +57,7 @@ from lib.export import read_final_model
 from lib.report.inference import RESULT_FILE, model_file_stamp
 from lib.report.runs import load_matrix
 from lib.results import write_json_atomic
-from lib.semi_structured import keep_two_of_four, semi_structured_for
+from lib.semi_structured import keep_two_of_four, run_structure, semi_structured_for
 from resnet.model import ResNet
 from scripts.export import model_from_final, shrink_module
 
@@ -117,8 +117,7 @@ def prune_half(model: GPT, structure: str) -> GPT:
     return shrink(pruned) if structure == "channel" else pruned
 
 
-def as_semi_structured(model: nn.Module, pruned: set[str], where: Where, info: dict,
-                       nm: bool = True) -> nn.Module | None:
+def as_semi_structured(model: nn.Module, pruned: set[str], info: dict, nm: bool = True) -> nn.Module | None:
     """A copy of `model` (already placed) with its 2:4 layers on the 2:4 kernels, or None when none qualify.
 
     Records what was converted and what stayed dense (with reasons) in `info`, and says it on stderr:
@@ -127,14 +126,8 @@ def as_semi_structured(model: nn.Module, pruned: set[str], where: Where, info: d
     sparse = copy.deepcopy(model)
     conversion = semi_structured_for(sparse, pruned)
     info["semi_structured"] = conversion.describe()
-    if conversion.note:
-        print(conversion.note, file=sys.stderr)
-        return None
-    print(f"2:4 semi-structured on {where.name}: {len(conversion.converted)} Linear layers converted "
-          f"({conversion.backend})", file=sys.stderr)
-    if nm or conversion.converted:
-        for name, reason in conversion.dense.items():
-            print(f"  left dense: {name}: {reason}", file=sys.stderr)
+    for line in conversion.lines(dense=nm or bool(conversion.converted)):
+        print(line, file=sys.stderr)
     return sparse if conversion.converted else None
 
 
@@ -197,7 +190,7 @@ def random_arms(scale: float, where: Where, info: dict) -> dict[str, GPT]:
     dense = random_124m(scale)
     arms = {"dense": dense, **{s: prune_half(dense, s) for s in ("unstructured", "nm", "channel")}}
     arms = {name: where.place(model) for name, model in arms.items()}
-    sparse = as_semi_structured(arms["nm"], block_weight_names(dense), where, info)
+    sparse = as_semi_structured(arms["nm"], block_weight_names(dense), info)
     if sparse is not None:
         arms["nm"] = sparse
     return arms
@@ -232,9 +225,9 @@ def run_arms(run_dir: Path, where: Where, info: dict) -> tuple[dict[str, nn.Modu
     arms = {"dense": where.place(model)}
     if small is not None:
         arms["smaller"] = where.place(small)
-    structure = (summary.get("sparsity_structure") or {}).get("kind")
+    structure = run_structure(run_dir)
     if where.device.type == "cuda" or structure == "nm":  # a CPU only says why nothing is converted
-        sparse = as_semi_structured(arms["dense"], set(final.masks), where, info, nm=structure == "nm")
+        sparse = as_semi_structured(arms["dense"], set(final.masks), info, nm=structure == "nm")
         if sparse is not None:
             arms["sparse24"] = sparse
     return arms, batch

@@ -18,13 +18,15 @@ def generate(model: GPT, ids: list[int], max_new_tokens: int, temperature: float
 
     temperature 0 picks the most likely token (greedy), as top_k 1 does;
     top_k 0 samples from every token. The context is the last block_size
-    tokens, the longest the position embedding covers.
+    tokens, the longest the position embedding covers. The model runs on
+    its device; the choice is made on the CPU, with `generator`.
     """
     model.eval()
+    device = model.wte.weight.device
     out = list(ids)
     for _ in range(max_new_tokens):
-        context = torch.tensor([out[-model.cfg.block_size:]], dtype=torch.long)
-        logits = model(context)[0][0, -1, :n_vocab].float()
+        context = torch.tensor([out[-model.cfg.block_size:]], dtype=torch.long, device=device)
+        logits = model(context)[0][0, -1, :n_vocab].float().cpu()
         if temperature == 0:
             out.append(int(logits.argmax()))
             continue

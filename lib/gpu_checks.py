@@ -261,32 +261,45 @@ def _checkpoint_resume(device: torch.device, workdir: Path) -> dict:
 def check_semi_structured_24(device: torch.device, workdir: Path) -> dict:
     """2:4-pruned Linear layers as torch's semi-structured sparse tensors: same outputs, and their latency.
 
-    First a GPT-2 pruned 2:4 in every block, converted as bench-inference converts a run's model
-    (lib/semi_structured.py): every block layer converted, the tied output layer left dense, the logits
-    within TOLERANCE of the largest dense logit. A CPU converts nothing and the check fails saying so.
-    Then a 124M MLP projection alone: its latency dense and on the 2:4 kernels (what bench-gpu reports).
+    First a GPT-2 pruned 2:4 in every block, written as an nm run leaves it (final model, masks,
+    summary) and loaded as make evaluate and make sample load a run's model (scripts/evaluate.py
+    `load_model`, computing under bf16 autocast): every block layer converted, the tied output layer
+    left dense, the logits within TOLERANCE of the largest dense logit. A CPU converts nothing and the
+    check fails saying so. Then a 124M MLP projection alone: its latency dense and on the 2:4 kernels
+    (what bench-gpu reports).
     """
-    import copy
+    from safetensors.torch import save
+    from torch.sparse import SparseSemiStructuredTensor
 
     from gpt2.model import GPT, GPTConfig
-    from lib.semi_structured import TOLERANCE, keep_two_of_four, semi_structured_for, to_semi_structured
+    from lib.export import MASKS_FILE, final_model_files
+    from lib.semi_structured import TOLERANCE, backend, keep_two_of_four, to_semi_structured
+    from scripts.evaluate import load_model
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256)).to(device, torch.bfloat16).eval()
+    # a 4,096-token vocabulary: the output layer stays dense either way, and the files written stay small
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_size=4096)).eval()
     pruned = set()
     for i, block in enumerate(model.blocks):
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             keep_two_of_four(block.get_submodule(name).weight.data)
             pruned.add(f"blocks.{i}.{name}.weight")
-    sparse = copy.deepcopy(model)
-    conversion = semi_structured_for(sparse, pruned)
-    expect(conversion.note is None, str(conversion.note))
-    expect(sorted(conversion.converted) == sorted(n.removesuffix(".weight") for n in pruned),
-           f"converted {conversion.converted}, left dense {conversion.dense}")
-    expect(list(conversion.dense) == ["lm_head"], f"left dense: {conversion.dense}")
-    idx = torch.randint(0, 50257, (4, 128), device=device)
-    with torch.no_grad():
-        dense_logits, sparse_logits = model(idx)[0].float(), sparse(idx)[0].float()
+    for name, data in final_model_files(model, "gpt2-check", 0).items():
+        (workdir / name).write_bytes(data)
+    masks = {name: (model.get_parameter(name) == 0).contiguous() for name in sorted(pruned)}
+    (workdir / MASKS_FILE).write_bytes(save(masks, metadata={"kprune": json.dumps({"meaning": "True = pruned"})}))
+    (workdir / "summary.json").write_text(json.dumps({"sparsity_structure": {"kind": "nm", "n": 2, "m": 4}}))
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        sparse, _ = load_model(workdir, device, half=torch.bfloat16)
+    converted = sorted(name for name, module in sparse.named_modules()
+                       if isinstance(getattr(module, "weight", None), SparseSemiStructuredTensor))
+    expect(converted == sorted(n.removesuffix(".weight") for n in pruned),
+           f"converted {converted}; loading said: {said.getvalue().strip()}")
+    expect("left dense: lm_head: not pruned by the run" in said.getvalue(), f"loading said: {said.getvalue()}")
+    idx = torch.randint(0, 4096, (4, 128), device=device)
+    dense = model.to(device)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+        dense_logits, sparse_logits = dense(idx)[0].float(), sparse(idx)[0].float()
     model_err = (sparse_logits - dense_logits).abs().max().item()
     bound = TOLERANCE * dense_logits.abs().max().item()
     expect(model_err <= bound, f"2:4 GPT-2 logits differ from dense by {model_err} (allowed {bound})")
@@ -303,7 +316,7 @@ def check_semi_structured_24(device: torch.device, workdir: Path) -> dict:
     expect(err <= TOLERANCE * dense_out.float().abs().max().item(), f"2:4 outputs differ from dense by {err}")
     return {"dense_ms": round(dense_ms, 4), "sparse_24_ms": round(sparse_ms, 4),
             "speedup": round(dense_ms / sparse_ms, 3), "max_abs_diff": err,
-            "backend": conversion.backend, "gpt2_layers_converted": len(conversion.converted),
+            "backend": backend().BACKEND, "gpt2_layers_converted": len(converted),
             "gpt2_logits_max_abs_diff": model_err,
             "tolerance": f"{TOLERANCE:g} x max |dense output|"}
 

@@ -17,12 +17,23 @@ and is listed with the reason:
   16 x 16), so which layers qualify does not depend on the build.
 On a CPU nothing is converted: the kernels exist for CUDA only, and a 2:4
 model there runs the dense kernels (about 1.0x the dense latency).
+
+`convert_at_load` is the step every program that loads a run's model for use
+(make evaluate, make sample: scripts/evaluate.py `load_model`) takes: for a
+run whose summary says its structure is `nm`, the conversion above, on CUDA
+only, with what it did said on stderr. A model that keeps fp32 weights and
+computes under bf16 autocast (the trainer's evaluation on a GPU) has its
+qualifying layers converted in bfloat16, the autocast dtype; the others keep
+their weights exactly as loaded.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,6 +65,7 @@ class Conversion:
     layers: list[LayerChoice] = field(default_factory=list)
     note: str | None = None  # why nothing could be converted at all (a CPU)
     backend: str | None = None  # torch's 2:4 backend that runs them: cusparselt or cutlass
+    device: str | None = None  # the GPU's name
 
     @property
     def converted(self) -> list[str]:
@@ -67,6 +79,13 @@ class Conversion:
         """The JSON the benchmarks record."""
         return {"converted": len(self.converted), "dense": self.dense,
                 **({"backend": self.backend} if self.backend else {}), **({"note": self.note} if self.note else {})}
+
+    def lines(self, dense: bool = True) -> list[str]:
+        """What to tell a user: the note, or how many layers were converted and (with `dense`) each left dense."""
+        if self.note:
+            return [self.note]
+        head = f"2:4 semi-structured on {self.device}: {len(self.converted)} Linear layers converted ({self.backend})"
+        return [head, *(f"  left dense: {name}: {reason}" for name, reason in self.dense.items() if dense)]
 
 
 def keep_two_of_four(weight: torch.Tensor) -> torch.Tensor:
@@ -142,27 +161,77 @@ def to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def semi_structured_for(model: nn.Module, pruned: set[str]) -> Conversion:
+def in_half(model: nn.Module, pruned: set[str], half: torch.dtype) -> dict[str, nn.Parameter]:
+    """Each pruned Linear layer of `model` with a weight of no half type given one in `half`; their weights as
+    they were, by layer name, for the layers that end up not converted to take back."""
+    as_loaded = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" in pruned and module.weight.dtype not in DTYPES:
+            as_loaded[name] = module.weight
+            module.weight = nn.Parameter(module.weight.detach().to(half), requires_grad=False)
+    return as_loaded
+
+
+@torch.no_grad()
+def semi_structured_for(model: nn.Module, pruned: set[str], half: torch.dtype | None = None) -> Conversion:
     """Convert, in place, the Linear layers of `model` that qualify to 2:4 semi-structured weights.
 
-    The model must already be on its device and in its inference dtype. On a
-    CPU nothing is converted and the note says why. Raises KpruneError when
-    torch refuses a layer that qualified (a GPU without 2:4 support).
+    The model must already be on its device, in its inference dtype; or with
+    `half` (float16 or bfloat16: the autocast dtype it computes in), its
+    pruned Linear layers are judged and converted in that dtype, and those
+    that do not qualify keep their weights as they were. On a CPU nothing is
+    converted and the note says why. Raises KpruneError when torch refuses a
+    layer that qualified (a GPU without 2:4 support).
     """
     device = next(model.parameters()).device
     if device.type != "cuda":
         return Conversion(note=CPU_NOTE)
-    conversion = Conversion(layers=choose_layers(model, pruned), backend=backend().BACKEND)
     modules = dict(model.named_modules())
+    as_loaded = in_half(model, pruned, half) if half is not None else {}
+    conversion = Conversion(layers=choose_layers(model, pruned), backend=backend().BACKEND,
+                            device=torch.cuda.get_device_name(device))
     for choice in conversion.layers:
-        if not choice.convert:
-            continue
         linear = modules[choice.name]
+        if not choice.convert:
+            if choice.name in as_loaded:
+                linear.weight = as_loaded[choice.name]
+            continue
         try:
             sparse = to_semi_structured(linear.weight)
         except (RuntimeError, NotImplementedError) as exc:
             raise KpruneError(f"torch cannot make {choice.name} a 2:4 semi-structured weight on "
-                              f"{torch.cuda.get_device_name(device)} ({exc}); 2:4 kernels need compute "
+                              f"{conversion.device} ({exc}); 2:4 kernels need compute "
                               "capability 8.0+ (Ampere or newer)") from None
         linear.weight = nn.Parameter(sparse, requires_grad=False)
+    return conversion
+
+
+def run_structure(directory: Path) -> str | None:
+    """The sparsity structure the run that wrote `directory` pruned with (its summary.json; for <run dir>/export
+    the run's), or None when no summary says."""
+    directory = Path(directory)
+    for where in (directory, directory.parent) if directory.name == "export" else (directory,):
+        try:
+            summary = json.loads((where / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        structure = summary.get("sparsity_structure") if isinstance(summary, dict) else None
+        return structure.get("kind") if isinstance(structure, dict) else None
+    return None
+
+
+def convert_at_load(model: nn.Module, directory: Path, pruned: set[str],
+                    half: torch.dtype | None = None) -> Conversion | None:
+    """An `nm` run's model, just loaded onto its device: its qualifying Linear layers onto the 2:4 kernels.
+
+    None, and nothing said, for a run of another structure. On CUDA the
+    layers `pruned` names are converted where they qualify (`half`: see
+    semi_structured_for), and stderr says how many and each layer left dense
+    with its reason; on a CPU the model is untouched and one line says so.
+    """
+    if run_structure(directory) != "nm":
+        return None
+    conversion = semi_structured_for(model, pruned, half)
+    for line in conversion.lines():
+        print(line, file=sys.stderr)
     return conversion

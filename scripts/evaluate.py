@@ -9,7 +9,10 @@ trainer evaluates it at the end of the run: the trainer's own evaluation,
 data, batches, device and precision, so a run directory gives the val_loss
 and val_accuracy (GPT-2: val_ppl) its summary.json ends with, and its
 export/small the same up to float rounding. SET="..." overrides the config
-(e.g. SET="DEVICE=cpu", or DATA_DIR=... when the data moved).
+(e.g. SET="DEVICE=cpu", or DATA_DIR=... when the data moved). An nm run's
+model on a CUDA GPU runs its 2:4 Linear layers on the 2:4 kernels
+(`load_model`, which make sample uses too), so its figures there may differ
+from the summary's by the kernels' rounding.
 Prints one JSON line: results, model, step, params, and the evaluation.
 Bad input is one `error:` line and status 2.
 """
@@ -24,12 +27,14 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lib.cli import make_variable
 from lib.device import autocast_for, prepare_process
 from lib.errors import KpruneError
-from lib.export import read_final_model
+from lib.export import FinalModel, read_final_model
 from lib.kconfig import apply_overrides, read_config, settings_from_kconfig
+from lib.semi_structured import convert_at_load
 from scripts.export import model_from_final
 from scripts.kconfig import _overrides
 
@@ -50,11 +55,27 @@ def evaluate_dir(directory: Path, set_text: str | None = None) -> dict:
         s = dataclasses.replace(s, gpt2_init="scratch")
     device = prepare_process(s)  # the run's threads, seed and backend settings
     task = importlib.import_module(f"{s.model}.train").build_task(s, device)
-    model = model_from_final(final, directory).to(device)
-    with torch.no_grad(), autocast_for(s, device)():
+    precision = autocast_for(s, device)
+    model, _ = load_model(directory, device, half=getattr(precision(), "fast_dtype", None), final=final)
+    with torch.no_grad(), precision():
         result = task.evaluate(model)
     return {"results": str(directory), "model": final.metadata["model"], "step": final.metadata["step"],
             "params": sum(p.numel() for p in model.parameters()), **result}
+
+
+def load_model(directory: Path, device: torch.device, half: torch.dtype | None = None,
+               final: FinalModel | None = None) -> tuple[nn.Module, FinalModel]:
+    """The final model in `directory` (`final`, when already read) on `device`, in eval mode, ready for use.
+
+    What make evaluate and make sample run, and make check-gpu checks: an nm
+    run's 2:4 Linear layers go onto the 2:4 kernels on CUDA, in `half` when
+    the model computes under autocast in it (lib/semi_structured.py
+    `convert_at_load`, which says what it converted; on a CPU, that nothing is).
+    """
+    final = final if final is not None else read_final_model(directory)
+    model = model_from_final(final, directory).to(device)
+    convert_at_load(model, directory, set(final.masks), half)
+    return model, final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,15 +5,19 @@
 
 Reads the model the run wrote at its end (model.safetensors: the pruned
 weights) and the bundled offline GPT-2 tokenizer, and prints the prompt
-followed by the sampled continuation. The make variables PROMPT,
-MAX_NEW_TOKENS, TEMPERATURE, TOP_K and SAMPLE_SEED give the defaults; the
-same seed gives the same text. An empty prompt starts from <|endoftext|>.
+followed by the sampled continuation. The model runs on a CUDA GPU when
+torch sees one (under bf16 autocast where the GPU has real bf16; an nm run's
+2:4 layers on the 2:4 kernels, scripts/evaluate.py `load_model`), else on
+the CPU. The make variables PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_K and
+SAMPLE_SEED give the defaults; the same seed gives the same text on the same
+device. An empty prompt starts from <|endoftext|>.
 Bad input is one `error:` line and status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 
 from lib.cli import make_variable
 from lib.data.tokenizer import EOT_TOKEN, gpt2_encoding
+from lib.device import bf16_supported, pick_device
 from lib.errors import KpruneError
 
 
@@ -59,13 +64,21 @@ def main(argv: list[str] | None = None) -> int:
             raise KpruneError('no run given: make sample RESULTS=<run dir> PROMPT="..." (a GPT-2 run)')
         if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
             raise KpruneError("MAX_NEW_TOKENS must be at least 1, TEMPERATURE and TOP_K at least 0")
-        from gpt2.hf import gpt_from_run
+        from gpt2.model import GPT
         from gpt2.sample import generate
-        model = gpt_from_run(Path(args.results))
+        from scripts.evaluate import load_model
+        device = pick_device("auto")
+        half = torch.bfloat16 if bf16_supported(device) else None  # what PRECISION=auto trains in
+        precision = (lambda: torch.autocast(device.type, half)) if half else contextlib.nullcontext
+        model, final = load_model(Path(args.results), device, half)
+        if not isinstance(model, GPT):
+            raise KpruneError(f"{args.results} holds a {final.metadata['model']!r} model, not a GPT-2: "
+                              "make sample continues text with a GPT-2 run's model")
         enc = gpt2_encoding()
         ids = enc.encode_ordinary(args.prompt) or [EOT_TOKEN]
         generator = torch.Generator().manual_seed(args.seed)
-        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, generator, enc.n_vocab)
+        with precision():
+            out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, generator, enc.n_vocab)
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

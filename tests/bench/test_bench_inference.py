@@ -137,7 +137,7 @@ def test_a_2of4_run_whose_layers_convert_is_timed_on_the_kernels(tmp_path, monke
     def converts_every_pruned_layer(model, pruned):
         layers = [LayerChoice(n.removesuffix(".weight"), (0, 0), True, "2:4") for n in sorted(pruned)]
         return Conversion(layers=layers + [LayerChoice("lm_head", (0, 0), False, "not pruned by the run (no mask)")],
-                          backend="cutlass")
+                          backend="cutlass", device="NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(inference, "semi_structured_for", converts_every_pruned_layer)
     monkeypatch.setattr(inference.Where, "place", lambda self, model: model.eval())
     model = inference.prune_half(inference.GPT(config_for("tiny", 64, 0.0)).eval(), "nm")
@@ -145,7 +145,7 @@ def test_a_2of4_run_whose_layers_convert_is_timed_on_the_kernels(tmp_path, monke
     [out], err = bench_output(monkeypatch, capsys, KPRUNE_RESULTS=str(tmp_path))
     assert out["semi_structured"] == {"converted": 16, "dense": {"lm_head": "not pruned by the run (no mask)"},
                                       "backend": "cutlass"}
-    assert "16 Linear layers converted (cutlass)" in err and "left dense: lm_head: not pruned" in err
+    assert "2:4 semi-structured on NVIDIA A100-SXM4-80GB: 16 Linear layers converted (cutlass)" in err and "left dense: lm_head: not pruned" in err
     assert out["pruned_arm"] == "sparse24"
     assert (out["speedup_b1"], out["speedup_b2"]) == (out["sparse24_speedup_b1"], out["sparse24_speedup_b2"])
     assert read_inference(tmp_path)[0].pruned_arm == "sparse24"
