@@ -15,9 +15,12 @@ from bench import inference
 from gpt2.model import config_for
 from lenet5.model import LeNet5
 from lib.export import MASKS_FILE, final_model_files, read_final_model
+from lib.report import plots
 from lib.report.audit import audit_matrix
+from lib.report.build import build_report
 from lib.report.inference import RESULT_FILE, read_inference
 from lib.report.markdown import render_report
+from lib.report.plots import SPEED_PLOT
 from lib.report.runs import load_matrix
 from lib.semi_structured import CPU_NOTE, Conversion, LayerChoice
 from scripts import export
@@ -186,10 +189,12 @@ def test_a_channel_pruned_lenet5_matrix_run_is_timed_against_its_export_small(tm
     assert out["pruned_arm"] == "smaller" and out["speedup_b128"] == out["smaller_speedup_b128"]
     assert out["dense_params"] == LENET_PARAMS > out["smaller_params"] == small_params == LENET_SMALL
     assert json.loads((run_dir / RESULT_FILE).read_text()) == out
-    # report.md's inference column for the arm: its measured speedups on the smaller model
+    # report.md's inference column for the arm: its measured speedups on the smaller model; and its plot
     matrix = load_matrix(path)
     cell = _rows(render_report(matrix, audit_matrix(matrix), {}))[run.arm][-1]
     assert cell == f"{out['speedup_b1']:.2f}× b1, {out['speedup_b128']:.2f}× b128 (cpu; smaller model)"
+    monkeypatch.setattr(plots, "FIGURES", {})  # the other figures have their own tests
+    assert build_report(path).plots[SPEED_PLOT] == path / "plots" / SPEED_PLOT
 
 
 def test_a_channel_pruned_resnet_run_is_timed_on_cifar_shaped_images(tmp_path, monkeypatch, capsys):
