@@ -60,8 +60,8 @@ def owning_layers(model: nn.Module, names: list[str], params: list[nn.Parameter]
     """The nn.Linear or nn.Conv2d whose weight each pruned parameter is; KpruneError names one that has none."""
     users: dict[int, list[tuple[str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        for key, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            users.setdefault(id(p), []).append((f"{module_name}.{key}" if module_name else key, module))
+        for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            users.setdefault(id(p), []).append((module_name or "the model itself", module))
     layers = []
     for name, p in zip(names, params):
         found = users.get(id(p), [])

@@ -1,0 +1,192 @@
+"""The calibrated one-shot methods: Wanda's score, SparseGPT's reconstruction, calibration's inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.errors import KpruneError
+from lib.pruning.calibration import Calibration
+from lib.pruning.methods import build_method
+from lib.pruning.pruner import Pruner
+from lib.pruning.schedules import Schedule
+from lib.pruning.scores import ScoreContext
+from lib.pruning.sparsegpt import spread
+from lib.pruning.structure import NM, Structure
+
+ONE_SHOT = Schedule("one-shot", start=0, end=0, final=0.5)
+
+
+def _pruner(model: nn.Module, batches: list[torch.Tensor], method: str, schedule: Schedule = ONE_SHOT,
+            structure: Structure | None = None, scope: str | None = None, **kw) -> Pruner:
+    """A pruner over every weight matrix of `model`, calibrated on `batches` (inputs of the model)."""
+    pool = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
+    pruner = Pruner(pool, schedule, build_method(method, **kw), torch.optim.SGD(model.parameters(), lr=0.1),
+                    structure=structure, scope=scope)
+    pruner.calibration = Calibration(model, pruner.masks.names, pruner.masks.params, lambda n: [(x,) for x in batches],
+                                     len(batches), lambda m, b: m(b[0]), method)
+    return pruner
+
+
+# ------------------------------------------------------------------ Wanda
+
+def _wanda_layer() -> tuple[nn.Linear, torch.Tensor]:
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 2.5]]))
+    # Column j's mean square over the two rows: 16, 1, 0.25, so its norm is 4, 1, 0.5.
+    return layer, torch.tensor([[4.0, 1.0, 0.5], [-4.0, 1.0, -0.5]])
+
+
+def test_wanda_scores_are_weight_magnitude_times_input_norm():
+    layer, x = _wanda_layer()
+    pruner = _pruner(layer, [x], "wanda", scope="row")
+    method = pruner.method
+    method.inputs = pruner.calibration("norms")
+    out = torch.empty(2, 3)
+    method.score(0, layer.weight.detach(), {}, out, ScoreContext(step=0))
+    # by hand: |w| * (4, 1, 0.5)
+    assert out.tolist() == [[1 * 4.0, 2 * 1.0, 3 * 0.5], [3 * 4.0, 1 * 1.0, 2.5 * 0.5]]
+
+
+def test_wanda_prunes_per_row_by_score_not_by_magnitude():
+    layer, x = _wanda_layer()
+    pruner = _pruner(layer, [x], "wanda", schedule=Schedule("one-shot", start=0, end=0, final=1 / 3), scope="row")
+    pruner.update(0)
+    # Row 0 scores 4, 2, 1.5: its largest weight (3) goes, where magnitude would drop the 1. Row 1: 12, 1, 1.25.
+    assert pruner.masks.pruned_mask(0).tolist() == [[False, False, True], [False, True, False]]
+    assert layer.weight.tolist() == [[1.0, 2.0, 0.0], [3.0, 0.0, 2.5]]
+    assert pruner.method.inputs is None  # the statistics are freed after the update
+
+
+def test_convolution_inputs_are_read_in_the_weight_column_order():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel_size=(2, 3), stride=2, padding=1, bias=False)
+    x = torch.randn(2, 2, 5, 4)
+    pruner = _pruner(conv, [x], "wanda")
+    [stats] = pruner.calibration("norms")
+    # Every patch, written out position by position: column (c, ky, kx) of weight.view(3, -1).
+    padded = F.pad(x, (1, 1, 1, 1))
+    want, count = torch.zeros(2 * 2 * 3), 0
+    for b in range(2):
+        for oy in range(0, padded.shape[2] - 2 + 1, 2):
+            for ox in range(0, padded.shape[3] - 3 + 1, 2):
+                want += padded[b, :, oy:oy + 2, ox:ox + 3].reshape(-1).square()
+                count += 1
+    assert stats.count == count and torch.allclose(stats.sums, want)
+
+
+# ------------------------------------------------------------------ SparseGPT
+
+def _correlated(seed: int = 0, inputs: int = 64, rows: int = 2048) -> torch.Tensor:
+    """Inputs whose 64 columns mix 8 hidden factors, plus a little noise: strongly correlated."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 8, generator=g) @ torch.randn(8, inputs, generator=g) \
+        + 0.05 * torch.randn(rows, inputs, generator=g)
+
+
+def _output_error(method: str, structure: Structure | None) -> tuple[float, Pruner, nn.Linear]:
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 32, bias=False)
+    x = _correlated()
+    before = layer(x).detach()
+    pruner = _pruner(layer, list(x.split(512)), method, structure=structure,
+                     scope="layer" if method == "sparsegpt" else None)
+    pruner.update(0)
+    return float((layer(x).detach() - before).norm() / before.norm()), pruner, layer
+
+
+@pytest.mark.parametrize("structure", [None, NM(2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude(structure):
+    magnitude_error, _, _ = _output_error("magnitude", structure)
+    error, pruner, layer = _output_error("sparsegpt", structure)
+    assert error < 0.5 * magnitude_error, (error, magnitude_error)  # measured: 0.25x (unstructured), 0.30x (2:4)
+    mask = pruner.masks.pruned_mask(0)
+    assert pruner.masks.pruned_count == int(mask.sum()) == 1024 == int((layer.weight == 0).sum())
+    if structure is not None:  # the full 2:4 pattern: exactly two of every four inputs pruned in every row
+        assert (mask.view(32, 16, 4).sum(-1) == 2).all()
+
+
+def _two_layers() -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+
+
+@pytest.mark.parametrize("structure", [None, NM(2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_gradual_updates_are_exact_and_never_revive(structure):
+    model = _two_layers()
+    pruner = _pruner(model, list(_correlated(3).split(512)), "sparsegpt",
+                     schedule=Schedule("linear", start=0, end=2, final=0.5, frequency=1),
+                     structure=structure, scope="layer", sparsegpt_block_size=16)
+    first = pruner.update(1)
+    masks = [m.clone() for m in pruner.masks.pruned]
+    second = pruner.update(2)
+    for before, after, p in zip(masks, pruner.masks.pruned, pruner.masks.params):
+        assert not (before & ~after).any()  # pruned stays pruned
+        assert (p[after] == 0).all()  # and exactly zero, though the OBS updates moved other weights
+    assert [int(m.sum()) for m in masks] == [round(0.25 * 64 * 48), round(0.25 * 48 * 16)]
+    assert [int(m.sum()) for m in pruner.masks.pruned] == [64 * 48 // 2, 48 * 16 // 2]
+    assert first.pruned_count == first.target_count and second.pruned_count == second.target_count
+    if structure is not None:
+        assert all((m.view(m.shape[0], -1, 4).sum(-1) <= 2).all() for m in pruner.masks.pruned)
+
+
+def test_sparsegpt_keeps_dead_inputs_weights_and_prunes_exactly():
+    layer = nn.Linear(16, 8, bias=False)
+    x = _correlated(4, inputs=16, rows=256)
+    x[:, 3] = 0.0  # a dead input: H_33 = 0
+    pruner = _pruner(layer, [x], "sparsegpt", scope="layer", sparsegpt_block_size=8)
+    pruner.update(0)
+    assert torch.isfinite(layer.weight).all() and pruner.masks.pruned_count == 64 == int((layer.weight == 0).sum())
+
+
+def test_spread_is_exact_within_floors_and_caps():
+    counts = spread(50, [40, 40, 20], [30, 0, 0], [40, 40, 10])
+    assert sum(counts) == 50 and counts[0] >= 30 and counts[2] <= 10
+    assert spread(30, [10, 10, 10], [0, 0, 0], [10, 10, 10]) == [10, 10, 10]
+    assert spread(2, [10, 10, 10], [0, 0, 0], [10, 10, 10]) == [1, 1, 0]
+    with pytest.raises(ValueError):
+        spread(5, [10, 10], [3, 3], [10, 10])
+
+
+def test_sparsegpt_refuses_other_scopes_and_structures():
+    from lib.pruning.structure import Block
+    layer = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="SPARSITY_SCOPE=global cannot be used with PRUNING_METHOD=sparsegpt"):
+        _pruner(layer, [torch.randn(4, 8)], "sparsegpt", scope="global")
+    with pytest.raises(ValueError, match="SPARSITY_STRUCTURE=block cannot be used with PRUNING_METHOD=sparsegpt"):
+        _pruner(layer, [torch.randn(4, 8)], "sparsegpt", structure=Block(2, 2), scope="layer")
+
+
+# ------------------------------------------------------------------ calibration
+
+def test_a_parameter_no_hook_can_see_is_a_configuration_error():
+    from gpt2.model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=64))
+    pool = [("blocks.0.mlp.c_fc.weight", model.blocks[0].mlp.c_fc.weight), ("wte.weight", model.wte.weight)]
+    with pytest.raises(KpruneError, match=r"wte\.weight is pruned by wanda.*used by wte \(Embedding\), lm_head "
+                                          r"\(Linear\).*PRUNE_EMBEDDINGS=n"):
+        Calibration(model, [n for n, _ in pool], [p for _, p in pool], lambda n: [], 1, lambda m, b: m(*b), "wanda")
+
+
+def test_calibration_runs_in_eval_mode_and_restores_training_mode():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4))
+    model.train()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    pruner = _pruner(model, [torch.randn(8, 4)], "wanda")
+    pruner.calibration("norms")
+    assert seen == [False] and model.training
+
+
+def test_hessian_is_the_sum_of_input_outer_products():
+    layer = nn.Linear(3, 2)
+    x = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]])
+    pruner = _pruner(layer, [x], "sparsegpt", scope="layer")
+    [stats] = pruner.calibration("hessian")
+    assert stats.count == 2 and stats.sums.tolist() == [[1.0, 2.0, 0.0], [2.0, 5.0, -1.0], [0.0, -1.0, 1.0]]
+    assert math.isclose(float(stats.sums.trace()), float(x.square().sum()))
