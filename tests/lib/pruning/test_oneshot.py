@@ -190,3 +190,52 @@ def test_hessian_is_the_sum_of_input_outer_products():
     [stats] = pruner.calibration("hessian")
     assert stats.count == 2 and stats.sums.tolist() == [[1.0, 2.0, 0.0], [2.0, 5.0, -1.0], [0.0, -1.0, 1.0]]
     assert math.isclose(float(stats.sums.trace()), float(x.square().sum()))
+
+
+# ------------------------------------------------------------------ configuration: prune-only runs and refusals
+
+def _errors(*flags: str, model: str = "gpt2") -> list[str]:
+    from lib.cli import build_parser
+    from lib.kconfig import settings_errors
+    from lib.settings import settings_from_namespace
+    return settings_errors(settings_from_namespace(build_parser(model, prog="x", description="").parse_args(flags)))
+
+
+PRUNE_ONLY = ("--max-iters", "0", "--schedule", "one-shot", "--schedule-start", "0")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_prune_only_run_is_valid_with_a_method_that_needs_no_training(method):
+    # Flags take their defaults from the Kconfig tree as a whole (global scope): sparsegpt's layer scope is explicit.
+    assert _errors("--pruning-method", method, *PRUNE_ONLY, "--sparsity-scope", "layer") == []
+
+
+@pytest.mark.parametrize("flags, wrong", [
+    (("--pruning-method", "movement", *PRUNE_ONLY), "PRUNING_METHOD=movement scores from training"),
+    (("--pruning-method", "spt", *PRUNE_ONLY), "PRUNING_METHOD=spt scores from training"),
+    (("--pruning-method", "state", "--optimizer", "adamwprune", *PRUNE_ONLY), "PRUNING_METHOD=state scores"),
+    (("--pruning-method", "none", "--max-iters", "0"), "PRUNING_METHOD=none prunes nothing"),
+    (("--pruning-method", "wanda", "--max-iters", "0", "--schedule", "linear", "--schedule-start", "0",
+      "--schedule-end", "100"), "SCHEDULE=linear"),
+    (("--pruning-method", "wanda", "--max-iters", "0", "--schedule", "one-shot", "--schedule-start", "5"),
+     "SCHEDULE=one-shot with SCHEDULE_START=5"),
+])
+def test_a_prune_only_run_is_refused_otherwise_in_one_error_that_says_what_to_set(flags, wrong):
+    errors = _errors(*flags)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("--max-iters: ") and wrong in errors[0]
+    assert "SCHEDULE=one-shot and SCHEDULE_START=0" in errors[0] and "magnitude, sparsegpt, wanda" in errors[0]
+
+
+def test_calibrated_methods_refuse_the_embeddings_and_sparsegpt_its_other_scopes_and_structures():
+    [error] = _errors("--pruning-method", "wanda", "--prune-embeddings")
+    assert error.startswith("--prune-embeddings: ") and "set PRUNE_EMBEDDINGS=n" in error
+    [error] = _errors("--pruning-method", "sparsegpt", "--sparsity-scope", "global")
+    assert error.startswith("--sparsity-scope: ") and "set SPARSITY_SCOPE=layer" in error
+    [error] = _errors("--pruning-method", "sparsegpt", "--sparsity-structure", "channel")
+    assert "set SPARSITY_STRUCTURE to unstructured or nm" in error
+    [error] = _errors("--pruning-method", "sparsegpt", "--sparsity-structure", "nm", "--sparsegpt-block-size", "10",
+                      "--sparsity-scope", "layer")
+    assert error.startswith("--sparsegpt-block-size: ") and "10 is no multiple of NM_M (4)" in error
+    # Wanda takes any scope and structure; row is only its default.
+    assert _errors("--pruning-method", "wanda", "--sparsity-scope", "global", "--sparsity-structure", "block") == []
