@@ -9,6 +9,10 @@ buffer). Only the method's score differs between methods, so at every
 update every method prunes the same number of weights. What is pruned
 together (lib/pruning/structure.py) and among which groups the lowest are
 taken (the scope: global, layer, layer-adaptive, row) are shared settings too.
+A method that reads its layers' inputs (wanda, sparsegpt) is calibrated right
+before each of its updates (`calibration`, lib/pruning/calibration.py);
+SparseGPT then prunes each layer to its count itself, updating the weights it
+keeps, and its masks are recorded and applied like every other method's.
 """
 
 from __future__ import annotations

@@ -80,6 +80,24 @@ def test_convolution_inputs_are_read_in_the_weight_column_order():
     assert stats.count == count and torch.allclose(stats.sums, want)
 
 
+@pytest.mark.parametrize("kind", ["unstructured", "nm", "block", "channel"])
+def test_wanda_prunes_exactly_under_every_structure_with_convolutions_too(kind):
+    from lenet5.model import LeNet5
+    from lenet5.train import channel_units
+    from lib.pruning.build import build_structure
+    picked = {}
+    for method in ("magnitude", "wanda"):
+        torch.manual_seed(0)
+        model = LeNet5()
+        structure = build_structure(kind, nm_n=2, nm_m=4, block_rows=2, block_cols=2,
+                                    units=channel_units(model) if kind == "channel" else None)
+        images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * torch.rand(1, 1, 28, 1)
+        update = _pruner(model, [images], method, structure=structure, scope="global").update(0)
+        assert update.pruned_groups == update.target_groups > 0
+        picked[method] = [m.clone() for m in structure.masks.pruned]
+    assert any(not torch.equal(a, b) for a, b in zip(picked["magnitude"], picked["wanda"]))
+
+
 # ------------------------------------------------------------------ SparseGPT
 
 def _correlated(seed: int = 0, inputs: int = 64, rows: int = 2048) -> torch.Tensor:
@@ -109,6 +127,26 @@ def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude(structure
     assert pruner.masks.pruned_count == int(mask.sum()) == 1024 == int((layer.weight == 0).sum())
     if structure is not None:  # the full 2:4 pattern: exactly two of every four inputs pruned in every row
         assert (mask.view(32, 16, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("structure", [None, NM(2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_on_a_convolution_keeps_the_pattern_along_input_channels(structure):
+    errors = {}
+    for method in ("magnitude", "sparsegpt"):
+        torch.manual_seed(5)
+        conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        # Correlated channels: 8 channels mixing 2 smooth maps.
+        g = torch.Generator().manual_seed(6)
+        x = torch.einsum("bkhw,kc->bchw", torch.randn(32, 2, 8, 8, generator=g), torch.randn(2, 8, generator=g))
+        before = conv(x).detach()
+        pruner = _pruner(conv, [x], method, structure=structure, scope="layer" if method == "sparsegpt" else None)
+        pruner.update(0)
+        errors[method] = float((conv(x).detach() - before).norm() / before.norm())
+    mask = pruner.masks.pruned_mask(0)  # [out, in, kh, kw]
+    assert int(mask.sum()) == pruner.masks.pruned_count == 6 * 8 * 9 // 2 == int((conv.weight == 0).sum())
+    if structure is not None:  # 2 of every 4 consecutive input channels, at each output channel and kernel position
+        assert (mask.view(6, 2, 4, 3, 3).sum(2) == 2).all()
+    assert errors["sparsegpt"] < 0.5 * errors["magnitude"], errors
 
 
 def _two_layers() -> nn.Sequential:
