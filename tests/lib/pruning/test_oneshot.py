@@ -182,6 +182,28 @@ def test_sparsegpt_keeps_dead_inputs_weights_and_prunes_exactly():
     assert torch.isfinite(layer.weight).all() and pruner.masks.pruned_count == 64 == int((layer.weight == 0).sum())
 
 
+def test_the_inverse_hessian_factor_is_dampened_and_gives_dead_inputs_the_mean_diagonal():
+    from lib.pruning.sparsegpt import inverse_hessian_factor
+    # H/n = [[4, 2], [2, 2]] plus 0.5 x mean diagonal (3) = [[5.5, 2], [2, 3.5]]; its inverse by hand:
+    u = inverse_hessian_factor(torch.tensor([[8.0, 4.0], [4.0, 4.0]]), 2.0, 0.5, "layer")
+    det = 5.5 * 3.5 - 2.0 * 2.0
+    assert torch.allclose(u.T @ u, torch.tensor([[3.5, -2.0], [-2.0, 5.5]]) / det)
+    assert u[1, 0] == 0  # upper triangular
+    # A dead input (H_11 = 0) gets the mean live diagonal (2), then 0.01 x the new mean (2) is added to both.
+    u = inverse_hessian_factor(torch.tensor([[2.0, 0.0], [0.0, 0.0]]), 1.0, 0.01, "layer")
+    assert torch.allclose(u.T @ u, torch.eye(2) / 2.02)
+
+
+def test_block_size_and_dampening_come_from_the_settings():
+    from lib.pruning.build import build_pruner
+    from lib.settings import Settings
+    layer = nn.Linear(8, 4)
+    s = Settings(seed=0, pruning_method="sparsegpt", target_sparsity=0.5, schedule="one-shot", schedule_start=0,
+                 sparsity_scope="layer", sparsegpt_block_size=16, sparsegpt_dampening=0.25, calibration_batches=3)
+    pruner, _ = build_pruner(s, [("weight", layer.weight)], torch.optim.SGD(layer.parameters(), lr=0.1), 36)
+    assert (pruner.method.block_size, pruner.method.dampening) == (16, 0.25)
+
+
 def test_spread_is_exact_within_floors_and_caps():
     counts = spread(50, [40, 40, 20], [30, 0, 0], [40, 40, 10])
     assert sum(counts) == 50 and counts[0] >= 30 and counts[2] <= 10
