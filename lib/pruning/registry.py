@@ -2,7 +2,9 @@
 
 Everything that lists methods or variants is derived from these two tables:
 the score lookup and the non-negative set (lib/pruning/scores.py), the budget
-multipliers and layer-adaptive selection (lib/pruning/build.py), the matrix
+multipliers and layer-adaptive selection (lib/pruning/build.py), the scope a
+method or variant means and the ones it refuses (IMPLIED_SCOPE, FIXED_SCOPE,
+method_problem), the methods that may run prune-only, the matrix
 selectors and plan expansion (lib/matrix/plan.py) and the tests' parameter
 lists. The Kconfig choice members (PRUNING_METHOD_*, STATE_VARIANT_*), their
 prompts, the default schedule per variant and the MATRIX_* bools are checked
