@@ -62,6 +62,18 @@ def test_lenet5_calibration_draws_training_images_without_moving_the_sampler(dat
         assert all((flat == row).all(1).any() for row in x.view(len(x), -1))
 
 
+def test_resnet_calibration_leaves_the_sampler_and_its_augmentation_stream(data_dir):
+    import resnet.train
+    s = _settings("resnet", data_dir, "--pruning-method", "wanda", "--resnet-depth", "18", "--resnet-width", "8")
+    plain, calibrated = resnet.train.build_task(s, torch.device("cpu")), resnet.train.build_task(s, torch.device("cpu"))
+    first = [plain.next_batch() for _ in range(3)]  # augmented: the sampler's generator also draws the crops
+    second = [calibrated.next_batch()]
+    calibration = calibrated.calibration_batches(2)
+    second += [calibrated.next_batch() for _ in range(2)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    assert [x.shape for x, _ in calibration] == [(4, 3, 32, 32)] * 2
+
+
 PRUNE_ONLY = ["--max-iters", "0", "--schedule", "one-shot", "--schedule-start", "0", "--eval-iters", "2",
               "--calibration-batches", "2", "--target-sparsity", "0.5"]
 
