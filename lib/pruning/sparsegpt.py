@@ -96,7 +96,8 @@ def prune_layer_(w: torch.Tensor, u: torch.Tensor, pruned: torch.Tensor, count: 
         raise ValueError(f"block {block} is no multiple of M = {seg}")
     starts = list(range(0, cols, seg))
     lengths = [min(seg, cols - s) for s in starts]
-    floors = [int(x) for x in torch.stack([c.sum() for c in pruned.sum(0).split(seg)]).tolist()]
+    per_column = torch.nn.functional.pad(pruned.sum(0), (0, -cols % seg))  # one read of the old mask
+    floors = [int(x) for x in per_column.view(-1, seg).sum(1).tolist()]
     caps = [rows * n // nm[1] * (nm[1] - nm[0]) if nm else rows * n for n in lengths]
     quotas = spread(count, [rows * n for n in lengths], floors, caps)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
