@@ -108,16 +108,17 @@ class Calibration:
         """One LayerInputs per pruned parameter, in pool order."""
         if kind not in KINDS:
             raise ValueError(f"unknown calibration statistic '{kind}' (one of: {', '.join(KINDS)})")
-        seen: dict[int, LayerInputs] = {}  # per layer (a layer's weight is one parameter, but say so)
         device = self.layers[0].weight.device
+        # One accumulator per layer, made before the pass in pool order: under DDP every rank then
+        # reduces the same tensors in the same order, whichever layers its batches reached.
+        seen: dict[int, LayerInputs] = {}
+        for layer in self.layers:
+            cols = layer.weight[0].numel()  # columns of weight.view(out, -1)
+            shape = (cols,) if kind == "norms" else (cols, cols)
+            seen[id(layer)] = LayerInputs(torch.zeros(shape, dtype=torch.float32, device=device), 0.0)
 
         def hook(layer, inputs, _output):
-            rows = input_rows(layer, inputs[0])
-            stats = seen.get(id(layer))
-            if stats is None:
-                cols = rows.shape[1]
-                shape = (cols,) if kind == "norms" else (cols, cols)
-                stats = seen[id(layer)] = LayerInputs(torch.zeros(shape, dtype=torch.float32, device=device), 0.0)
+            rows, stats = input_rows(layer, inputs[0]), seen[id(layer)]
             if kind == "norms":
                 stats.sums.add_(rows.square().sum(0))
             else:
@@ -136,19 +137,12 @@ class Calibration:
             for h in handles:
                 h.remove()
             self.model.train(training)
-        out = []
-        for layer in self.layers:
-            stats = seen.get(id(layer))
-            if stats is None:  # this rank ran no batch, or the forward pass skipped the layer
-                w = layer.weight.view(layer.weight.shape[0], -1)
-                shape = (w.shape[1],) if kind == "norms" else (w.shape[1], w.shape[1])
-                stats = seen[id(layer)] = LayerInputs(torch.zeros(shape, dtype=torch.float32, device=device), 0.0)
-            out.append(stats)
         if world > 1:
             for stats in seen.values():
                 distributed.mean_(stats.sums)
                 stats.count = float(distributed.mean_(torch.tensor([stats.count], dtype=torch.float64,
                                                                    device=device)).item())
+        out = [seen[id(layer)] for layer in self.layers]
         for layer, stats in zip(self.layers, out):
             if stats.count == 0:
                 raise KpruneError(f"{self.method}: no calibration input reached a {type(layer).__name__} whose "
