@@ -18,6 +18,7 @@ from lib import distributed
 from lib.cli import trainer_main
 from lib.data.corpora import prepared_token_files
 from lib.data.tokens import TokenBatches, prepare_tokens
+from lib.pruning.calibration import calibration_generator
 from lib.pruning.units import UnitFamily, Units, attention_heads, consecutive
 from lib.settings import Settings
 from lib.train_loop import Task
@@ -99,6 +100,10 @@ def build_task(s: Settings, device: torch.device) -> Task:
     def next_batch():
         return train.sample(s.batch_size, train_gen, device)
 
+    def calibration_batches(n: int) -> list[tuple]:
+        gen = calibration_generator(s.seed)  # the training split, not its stream: train_gen does not move
+        return [train.sample(s.batch_size, gen, device) for _ in range(n)]
+
     def loss(m, batch):
         return m(*batch)[1]
 
@@ -114,6 +119,7 @@ def build_task(s: Settings, device: torch.device) -> Task:
     return Task(name=f"gpt2-{s.gpt2_size}", model=model, data_state=lambda: {"generator": train_gen.get_state()},
                 load_data_state=lambda state: train_gen.set_state(state["generator"]), prunable=prunable_parameters(model, s.prune_embeddings),
                 group_of=layer_group, units=channel_units(model), next_batch=next_batch, loss=loss, evaluate=evaluate,
+                calibration_batches=calibration_batches,
                 items_per_step=s.batch_size * s.block_size, item_unit="tokens", quality_key="val_ppl",
                 extra_summary={"dataset": s.gpt2_dataset, "train_tokens": len(train), "val_tokens": len(val)})
 

@@ -16,6 +16,7 @@ from lib.classification import cross_entropy, evaluate
 from lib.cli import trainer_main
 from lib.data.epochs import EpochSampler
 from lib.data.idx import load_mnist
+from lib.pruning.calibration import sample_indices
 from lib.pruning.units import UnitFamily, Units, consecutive
 from lib.settings import Settings
 from lib.train_loop import Task
@@ -65,10 +66,14 @@ def build_task(s: Settings, device: torch.device) -> Task:
         idx = sampler.next().to(device)
         return train_x[idx], train_y[idx]
 
+    def calibration_batches(n: int) -> list[tuple]:  # training images, by the calibration generator
+        return [(train_x[idx.to(device)], train_y[idx.to(device)])
+                for idx in sample_indices(len(train_y), s.batch_size, n, s.seed)]
+
     prunable = [(n, p) for n, p in model.named_parameters() if n.endswith(".weight")]
     return Task(name="lenet5", model=model, prunable=prunable, group_of=lambda n: n.split(".")[0],
                 units=channel_units(model),
-                next_batch=next_batch, loss=cross_entropy,
+                next_batch=next_batch, loss=cross_entropy, calibration_batches=calibration_batches,
                 evaluate=lambda m: evaluate(m, test_x, test_y, EVAL_BATCH, device),
                 data_state=sampler.state_dict, load_data_state=sampler.load_state_dict, items_per_step=s.batch_size,
                 item_unit="samples", quality_key="val_accuracy",

@@ -90,6 +90,9 @@ class Settings:
     variant_budget: bool = _opt("VARIANT_BUDGET")
     spt_epsilon: float = _opt("SPT_EPSILON", low=0.0, high=1.0, low_open=True, high_open=True)
     spt_alpha: float = _opt("SPT_ALPHA", low=0.0, high=1.0, high_open=True)
+    calibration_batches: int = _opt("CALIBRATION_BATCHES")
+    sparsegpt_block_size: int = _opt("SPARSEGPT_BLOCK_SIZE")
+    sparsegpt_dampening: float = _opt("SPARSEGPT_DAMPENING", low=0.0, high=1.0, low_open=True)
     adaptive_pruning: bool = _opt("ADAPTIVE_PRUNING")
     target_sparsity: float = _opt("TARGET_SPARSITY", low=0.0, high=1.0, high_open=True)
     prune_embeddings: bool = _opt("PRUNE_EMBEDDINGS", models=("gpt2",))
@@ -258,6 +261,8 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
                          f"{s.variant}'s layer-adaptive sparsity"))
     from lib.tracking import tracker_problems
     problems += tracker_problems(s)
+    from lib.pruning.oneshot import oneshot_problems
+    problems += oneshot_problems(s)
     if s.pruning_method not in (None, "none"):
         from lib.pruning.structure import structure_problems
         problems += structure_problems(s)
@@ -266,7 +271,7 @@ def validate(settings: Settings) -> list[tuple[str, str]]:
         except ScheduleError as exc:
             problems.append((exc.symbol, str(exc)))
         else:
-            if sched.last_update > s.max_iters:
+            if sched.last_update > s.max_iters and s.max_iters != 0:  # 0: prune-only, checked above
                 symbol = {"one-shot": "SCHEDULE_START", "milestones": "SCHEDULE_MILESTONE_TABLE",
                           "steps": "SCHEDULE_STEP_LEVELS"}.get(sched.kind, "SCHEDULE_END")
                 problems.append((symbol, f"step {sched.last_update} is after the last step (MAX_ITERS="

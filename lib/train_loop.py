@@ -29,6 +29,7 @@ from lib.errors import KpruneError
 from lib.lr import lr_at
 from lib.pruning.build import budget_multiplier, build_pruner
 from lib.pruning.methods import Observation
+from lib.pruning.oneshot import prune_only_update
 from lib.pruning.pruner import Pruner
 from lib.results import MetricsLog, write_json_atomic
 from lib.run_dir import open_run_dir, resume_hint
@@ -59,6 +60,8 @@ class Task:
     load_data_state: Callable[[dict], None] = lambda state: None
     # The model's channel units (neurons, heads, filters) for SPARSITY_STRUCTURE=channel; None: it has none.
     units: Units | None = None
+    # n training batches for calibration (wanda, sparsegpt): their own generator seeded from SEED, never the stream's.
+    calibration_batches: Callable[[int], list[tuple]] | None = None
 
 
 @dataclass
@@ -98,7 +101,7 @@ def run(settings: Settings, build_task: Callable[[Settings, torch.device], Task]
     pruner, adaptive = None, None
     if settings.pruning_method != "none":
         pruner, adaptive = build_pruner(settings, task.prunable, optimizer, count_params(task.model),
-                                        units=task.units)
+                                        units=task.units, task=task)
     multiplier = budget_multiplier(settings)
     iterations = int(round(settings.max_iters * multiplier))
     progress = Progress(items_per_step=task.items_per_step * settings.grad_accum_steps)
@@ -215,8 +218,8 @@ def _steps(loop: Loop, model: nn.Module, ddp: DistributedDataParallel | None, pr
     talk = distributed.world()[0] == 0  # one rank reports
     print_eval = bar.write if interactive else (lambda m: talk and print(m, file=sys.stderr, flush=True))
     window_time, window_steps, window_loss, timed = 0.0, 0, 0.0, 0
-    if st.step == 0:
-        _evaluate(loop, model, precision, 0, 0.0, 0.0, print_eval)  # where training starts from
+    if st.step == 0:  # where training starts from (a prune-only run, MAX_ITERS=0: after its one mask update)
+        _evaluate(loop, model, precision, 0, *prune_only_update(pruner, iterations, loop.log), print_eval)
     bar.update(st.step)
     first = st.step + 1
     for step in range(first, iterations + 1):

@@ -17,6 +17,7 @@ from lib.classification import cross_entropy, evaluate
 from lib.cli import trainer_main
 from lib.data.epochs import EpochSampler
 from lib.data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar, num_classes
+from lib.pruning.calibration import sample_indices
 from lib.pruning.units import UnitFamily, Units, consecutive
 from lib.settings import Settings
 from lib.train_loop import Task
@@ -101,11 +102,15 @@ def build_task(s: Settings, device: torch.device) -> Task:
             x, y = x.pin_memory(), y.pin_memory()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
+    def calibration_batches(n: int) -> list[tuple]:  # training images, not augmented, by the calibration generator
+        return [(train_x[idx].to(device), train_y[idx].to(device))
+                for idx in sample_indices(len(train_y), s.batch_size, n, s.seed)]
+
     # Convolution kernels and the classifier: BatchNorm scales and biases are not pruned.
     prunable = [(n, p) for n, p in model.named_parameters() if p.dim() > 1]
     return Task(name=f"resnet{s.resnet_depth}-{s.resnet_dataset}", model=model, prunable=prunable,
                 group_of=lambda n: n.split(".")[0], units=channel_units(model), next_batch=next_batch,
-                loss=cross_entropy,
+                loss=cross_entropy, calibration_batches=calibration_batches,
                 evaluate=lambda m: evaluate(m, test_x, test_y, EVAL_BATCH, device),
                 data_state=sampler.state_dict, load_data_state=sampler.load_state_dict,
                 items_per_step=s.batch_size, item_unit="samples", quality_key="val_accuracy",

@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except KpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    updates = sched.update_steps()
+    # A prune-only run (MAX_ITERS=0) makes its one update at step 0, before evaluating; no step 1 follows.
+    updates = [0] if settings.max_iters == 0 else sched.update_steps()
     shown = updates if len(updates) <= MAX_ROWS else sorted(
         set(updates[:: max(1, len(updates) // (MAX_ROWS - 1))]) | {updates[-1]})
     print(f"schedule {sched.kind}: start {sched.start}, end {sched.end}, final {sched.final:g}, "
-          f"{len(updates)} mask updates, run length {settings.max_iters} steps")
+          f"{len(updates)} mask updates, run length {settings.max_iters} steps"
+          + (" (prune-only)" if settings.max_iters == 0 else ""))
     if adaptive:
         print(f"adaptive: {adaptive}")
     print(f"{'step':>10}  {'target sparsity':>16}")

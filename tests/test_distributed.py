@@ -70,6 +70,19 @@ def test_two_processes_on_one_node(tmp_path):
     assert len(list(tmp_path.glob("results/*/summary.json"))) == 1  # only rank 0 wrote
 
 
+def test_two_processes_calibrate_alike_and_agree_on_sparsegpt_masks(tmp_path):
+    # Each rank runs its share of the calibration batches and the sums are averaged: every rank reconstructs
+    # the same layers (the mask digest is compared at every update, and the weights must stay in step too).
+    _prepare(tmp_path, f"DDP_NPROC_PER_NODE=2 DDP_MASTER_PORT={_free_port()} PRUNING_METHOD=sparsegpt "
+                       "SPARSITY_SCOPE=layer CALIBRATION_BATCHES=3")
+    result = _kconfig(tmp_path, "train")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = _summary(result.stdout, tmp_path)
+    assert summary["status"] == "complete" and summary["world_size"] == 2 and summary["pruning_method"] == "sparsegpt"
+    assert summary["target_count_exact"] and summary["mask_pruned_count"] == summary["final_pruned_count"]
+    assert [u["step"] for u in summary["mask_updates"]] == UPDATE_STEPS
+
+
 def test_two_single_process_nodes_on_loopback(tmp_path):
     port = _free_port()
     nodes = []

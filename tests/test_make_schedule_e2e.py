@@ -31,3 +31,10 @@ def test_a_schedule_past_the_run_is_refused_by_defconfig_naming_its_symbol(proje
     assert result.returncode == 2
     assert ("SCHEDULE_START: step 40 is after the last step (MAX_ITERS=30): the run would stop before "
             "reaching the target sparsity") in result.stderr
+
+
+def test_make_schedule_shows_a_prune_only_run_pruning_at_step_zero(project):
+    make(project, "defconfig-lenet5-magnitude", "SET=SCHEDULE=one-shot SCHEDULE_START=0 MAX_ITERS=0")
+    out = make(project, "schedule").stdout
+    assert "1 mask updates, run length 0 steps (prune-only)" in out
+    assert [line.split() for line in out.splitlines() if line.strip().startswith("0 ")] == [["0", "70.00%"]]

@@ -9,10 +9,11 @@ from torch import nn
 
 from lib.errors import KpruneError
 from lib.pruning.adaptive import adaptive_choice
+from lib.pruning.calibration import Calibration
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import CURVES, schedule_from_settings
-from lib.pruning.registry import BUDGET_MULTIPLIERS, IMPLIED_SCOPE, STRUCTURES
+from lib.pruning.registry import BUDGET_MULTIPLIERS, FIXED_SCOPE, STRUCTURES, scope_in_use
 from lib.pruning.channel import Channel
 from lib.pruning.structure import NM, Block, Structure
 from lib.pruning.units import Units
@@ -69,15 +70,17 @@ def structure_from_settings(s: Settings, units: Units | None = None) -> Structur
 
 
 def scope_from_settings(s: Settings) -> str:
-    """SPARSITY_SCOPE, or the scope the variant means (bitter4: layer-adaptive) when none is set."""
-    return s.sparsity_scope or IMPLIED_SCOPE.get(s.variant) or "global"
+    """SPARSITY_SCOPE, or the scope the variant or method means (bitter4: layer-adaptive, wanda: row,
+    sparsegpt: layer) when none is set."""
+    return scope_in_use(s.sparsity_scope, s.pruning_method, s.variant)
 
 
 def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
-                 model_params: int, units: Units | None = None) -> tuple[Pruner, dict | None]:
+                 model_params: int, units: Units | None = None, task=None) -> tuple[Pruner, dict | None]:
     """The pruner `s` describes, and (with ADAPTIVE_PRUNING) what was derived from the model's size.
 
-    `units` are the model's channel units (Task.units), read by the channel structure.
+    `units` are the model's channel units (Task.units), read by the channel structure; `task` (a
+    lib.train_loop.Task) gives a method that reads calibration inputs the model and its batches.
     """
     schedule = schedule_from_settings(s)
     spt_epsilon, adaptive = s.spt_epsilon, None
@@ -93,9 +96,10 @@ def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], opti
               f"update every {schedule.frequency} steps, schedule warp {schedule.warp:.3g}", file=sys.stderr)
     # Every value as configured, zeros included (SPT_ALPHA=0, BETA1=0): the settings' ranges refuse what is invalid.
     method = build_method(s.pruning_method, s.variant, spt_epsilon=spt_epsilon, spt_alpha=s.spt_alpha,
-                          seed=s.seed, last_step=schedule.last_update)
+                          seed=s.seed, last_step=schedule.last_update,
+                          sparsegpt_block_size=s.sparsegpt_block_size, sparsegpt_dampening=s.sparsegpt_dampening)
     scope = scope_from_settings(s)
-    implied = IMPLIED_SCOPE.get(s.variant)
+    implied = FIXED_SCOPE.get(s.variant)
     if implied is not None and scope != implied:  # the Kconfig check refuses this; a direct caller too
         raise KpruneError(f"SPARSITY_SCOPE={scope} conflicts with {s.variant}, which means {implied} scope")
     try:
@@ -103,4 +107,7 @@ def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], opti
                         structure=structure_from_settings(s, units), scope=scope)
     except ValueError as exc:
         raise KpruneError(str(exc)) from None
+    if method.calibration is not None and task is not None:
+        pruner.calibration = Calibration(task.model, pruner.masks.names, pruner.masks.params,
+                                         task.calibration_batches, s.calibration_batches, task.loss, method.name)
     return pruner, adaptive

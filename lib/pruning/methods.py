@@ -12,6 +12,15 @@ Most methods are a pure score function of the weight and its optimizer state
   whose removal hurts least (lowest reward) are pruned; never-explored weights
   keep the neutral reward 0. The extra pass leaves the model's buffers
   (BatchNorm running statistics and the like) and the global RNG as it found them.
+
+Two read the inputs of each pruned layer instead, from calibration batches
+run just before each of their mask updates (lib/pruning/calibration.py):
+
+- wanda (Sun et al. 2023): |w| times the RMS of the weight's input column, a
+  score like any other, selected by the shared machinery.
+- sparsegpt (Frantar & Alistarh 2023): no score; each layer is pruned to its
+  count and its kept weights updated to reconstruct its output
+  (lib/pruning/sparsegpt.py), the masks recorded as every method's are.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from torch import nn
 
 from lib import distributed
 from lib.pruning.scores import NONNEGATIVE_SCORES, STATE_VARIANTS, ScoreContext, ScoreFn, magnitude
+from lib.pruning.sparsegpt import inverse_hessian_factor, prune_layer_
 
 
 @dataclass
@@ -42,6 +52,11 @@ class Method:
 
     name: str = ""
     nonnegative: bool = False  # scores are never negative: selection can skip a key transform
+    # What the method reads from calibration inputs before each mask update (lib/pruning/calibration.py):
+    # "norms" or "hessian"; the pruner sets `inputs` (one LayerInputs per parameter) for that update only.
+    calibration: str | None = None
+    inputs: list | None = None
+    reconstructs = False  # prunes layer by layer itself (prune_layer_) instead of being scored
 
     def bind(self, params: list[nn.Parameter], pruned: list[torch.Tensor]) -> None:
         """Called once with the pool (tied weights once) and its masks."""
@@ -162,8 +177,74 @@ class SPT(Method):
         return self.rewards
 
 
+class Wanda(Method):
+    """Wanda (Sun et al. 2023): |w_rj| * ||X_j||, ||X_j|| = sqrt(mean x_j^2) of the layer's calibration inputs."""
+
+    name = "wanda"
+    nonnegative = True  # |w| times a square root: never negative, never -0.0
+    calibration = "norms"
+
+    def score(self, index, w, state, out, ctx) -> None:
+        stats = self.inputs[index]
+        rows = w.shape[0]
+        norm = (stats.sums / stats.count).sqrt_()  # one per column of w.view(rows, -1)
+        torch.mul(w.abs().view(rows, -1), norm, out=out.view(rows, -1))
+
+
+class SparseGPT(Method):
+    """SparseGPT (Frantar & Alistarh 2023): layer-wise pruning with the OBS update (lib/pruning/sparsegpt.py)."""
+
+    name = "sparsegpt"
+    calibration = "hessian"
+    reconstructs = True
+
+    def __init__(self, block_size: int, dampening: float):
+        if block_size is None or block_size < 1:
+            raise ValueError(f"SparseGPT block size {block_size!r} must be at least 1 (SPARSEGPT_BLOCK_SIZE)")
+        if dampening is None or not dampening > 0.0:
+            raise ValueError(f"SparseGPT dampening {dampening!r} must be above 0 (SPARSEGPT_DAMPENING)")
+        self.block_size, self.dampening = block_size, dampening
+
+    def score(self, index, w, state, out, ctx) -> None:
+        raise NotImplementedError("SparseGPT chooses weights while it reconstructs each layer: it has no score")
+
+    @torch.no_grad()
+    def prune_layer_(self, index: int, name: str, pruned: torch.Tensor, count: int, nm: tuple[int, int] | None,
+                     first_index: int) -> torch.Tensor:
+        """Prune `count` weights of parameter `index` (its earlier `pruned` among them), updating the kept ones.
+
+        Returns the bool mask. A convolution's columns are reordered so that
+        each N:M group (M input channels at one kernel position) is M
+        consecutive columns.
+        """
+        p, stats = self.params[index], self.inputs[index]
+        rows = p.shape[0]
+        order = None
+        if p.dim() == 4 and nm:  # [out, in, kh, kw]: columns in (kh, kw, in) order
+            _, c, kh, kw = p.shape
+            order = torch.arange(c * kh * kw, device=p.device).view(c, kh, kw).permute(1, 2, 0).reshape(-1)
+        u = inverse_hessian_factor(stats.sums if order is None else stats.sums[order][:, order], stats.count,
+                                   self.dampening, name)
+        self.inputs[index] = None  # the Hessian is the largest thing here: freed as soon as it is factored
+        w = p.detach().float().view(rows, -1)
+        before = pruned.view(rows, -1)
+        if order is not None:
+            w, before = w[:, order], before[:, order]
+        else:
+            w = w.clone()
+        mask = prune_layer_(w, u, before, count, block=self.block_size, nm=nm, first_index=first_index)
+        if order is not None:
+            w, mask = w[:, order.argsort()], mask[:, order.argsort()]
+        p.detach().copy_(w.view(p.shape))
+        return mask.view(p.shape)
+
+
+CALIBRATED_METHODS: frozenset[str] = frozenset(m.name for m in (Wanda, SparseGPT))
+
+
 def build_method(method: str, variant: str | None = None, *, spt_epsilon: float = 0.01, spt_alpha: float = 0.9,
-                 seed: int = 0, last_step: int = 0) -> Method:
+                 seed: int = 0, last_step: int = 0, sparsegpt_block_size: int = 128,
+                 sparsegpt_dampening: float = 0.01) -> Method:
     """The method a configuration names."""
     if method == "magnitude":
         return FunctionMethod("magnitude", magnitude)
@@ -175,4 +256,8 @@ def build_method(method: str, variant: str | None = None, *, spt_epsilon: float 
         return Movement()
     if method == "spt":
         return SPT(spt_epsilon, spt_alpha, seed, last_step)
+    if method == "wanda":
+        return Wanda()
+    if method == "sparsegpt":
+        return SparseGPT(sparsegpt_block_size, sparsegpt_dampening)
     raise ValueError(f"unknown pruning method '{method}'")

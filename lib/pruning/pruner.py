@@ -9,12 +9,17 @@ buffer). Only the method's score differs between methods, so at every
 update every method prunes the same number of weights. What is pruned
 together (lib/pruning/structure.py) and among which groups the lowest are
 taken (the scope: global, layer, layer-adaptive, row) are shared settings too.
+A method that reads its layers' inputs (wanda, sparsegpt) is calibrated right
+before each of its updates (`calibration`, lib/pruning/calibration.py);
+SparseGPT then prunes each layer to its count itself, updating the weights it
+keeps, and its masks are recorded and applied like every other method's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +27,7 @@ from torch import nn
 from lib.errors import KpruneError
 from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
-from lib.pruning.registry import LAYER_CAP
+from lib.pruning.registry import LAYER_CAP, method_problem
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn
 from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
@@ -69,7 +74,12 @@ class Pruner:
         self.structure.bind(self.masks)
         self.schedule = schedule
         self.method = method if isinstance(method, Method) else FunctionMethod(method.__name__, method)
+        problem = method_problem(self.method.name, self.structure.kind, self.scope)
+        if problem:
+            raise ValueError(f"{problem[0]}={problem[1]}")
         self.method.bind(self.masks.params, self.masks.pruned)
+        # Reads the pruned layers' inputs for a method that needs them (Method.calibration); set by build_pruner.
+        self.calibration: Callable[[str], list] | None = None
         self.optimizer = optimizer
         self.beta1 = beta1
         self._check_reachable()
@@ -173,7 +183,7 @@ class Pruner:
         sparsity = self.schedule.target(step)
         counts = self._counts(sparsity)
         if counts.total != self.structure.pruned_groups():
-            self._select(counts, ScoreContext(step=step, beta1=self.beta1), gradients_spent)
+            self._prune(counts, ScoreContext(step=step, beta1=self.beta1), gradients_spent)
         s = self.structure
         record = MaskUpdate(step, sparsity, s.target_weights(counts.total), self.masks.pruned_count, group=s.group,
                             target_groups=counts.total, pruned_groups=s.pruned_groups(),
@@ -188,6 +198,36 @@ class Pruner:
     def _counts(self, sparsity: float) -> Counts:
         """The groups the scope asks to prune at `sparsity`, never fewer than are pruned (no revival)."""
         return scope_counts(self.scope, self.structure, sparsity)
+
+    def _prune(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
+        """Calibrate if the method reads the layers' inputs, then select (or reconstruct) `counts`."""
+        method = self.method
+        if method.calibration is not None:
+            if self.calibration is None:
+                raise KpruneError(f"{method.name} reads calibration inputs, but this pruner was built without "
+                                  "the model and its calibration batches")
+            method.inputs = self.calibration(method.calibration)
+        try:
+            if method.reconstructs:
+                self._reconstruct(counts)
+            else:
+                self._select(counts, ctx, gradients_spent)
+        finally:
+            method.inputs = None  # per-layer statistics (Hessians) live for one update only
+
+    def _reconstruct(self, counts: Counts) -> None:
+        """Each layer pruned to its count by the method itself (SparseGPT), which also updates the kept weights."""
+        masks, structure = self.masks, self.structure
+        nm = (structure.n, structure.m) if structure.kind == "nm" else None
+        first = 0
+        for i, (p, count) in enumerate(zip(masks.params, counts.per_layer)):
+            pruned = masks.pruned_mask(i)
+            if count != int(pruned.sum()):  # nothing new to prune: the layer stays as it is
+                mask = self.method.prune_layer_(i, masks.names[i], pruned, count, nm, first)
+                masks.bits[i] = pack_bits(mask)
+            first += p.numel()
+        masks.pruned_count = counts.total
+        masks.zero_pruned_weights_and_states(self.optimizer)
 
     def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks, structure = self.masks, self.structure

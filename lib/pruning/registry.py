@@ -2,7 +2,9 @@
 
 Everything that lists methods or variants is derived from these two tables:
 the score lookup and the non-negative set (lib/pruning/scores.py), the budget
-multipliers and layer-adaptive selection (lib/pruning/build.py), the matrix
+multipliers and layer-adaptive selection (lib/pruning/build.py), the scope a
+method or variant means and the ones it refuses (IMPLIED_SCOPE, FIXED_SCOPE,
+method_problem), the methods that may run prune-only, the matrix
 selectors and plan expansion (lib/matrix/plan.py) and the tests' parameter
 lists. The Kconfig choice members (PRUNING_METHOD_*, STATE_VARIANT_*), their
 prompts, the default schedule per variant and the MATRIX_* bools are checked
@@ -24,6 +26,11 @@ class MethodRow:
     name: str
     help: str          # the Kconfig prompt reads "<name>: <help>"
     nonnegative: bool = False  # scores are never negative (nor -0.0): their float bits are the selection keys
+    prune_only: bool = False  # scores without training: may run prune-only (MAX_ITERS=0)
+    scope: str | None = None  # the SPARSITY_SCOPE it uses when none is set (Kconfig's default with it)
+    fixed_scope: bool = False  # ... and it refuses any other scope
+    structures: tuple[str, ...] = ()  # the only SPARSITY_STRUCTUREs it accepts (empty: every one)
+    why: str = ""  # why it refuses other scopes or structures, for the configuration error
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,17 @@ class Variant:
 
 METHODS: tuple[MethodRow, ...] = (
     MethodRow("none", "dense training, no pruning"),
-    MethodRow("magnitude", "score |w|", nonnegative=True),
+    MethodRow("magnitude", "score |w|", nonnegative=True, prune_only=True),
     MethodRow("movement", "score -sum(grad * w) (Sanh et al. 2020)"),
     MethodRow("spt", "explored loss change when a weight is removed (seed 000)"),
+    MethodRow("wanda", "|W|·‖X‖ per output row, calibration inputs (Sun et al. 2023)", nonnegative=True,
+              prune_only=True, scope="row"),
+    MethodRow("sparsegpt", "layer-wise reconstruction with the inverse Hessian of the calibration inputs "
+              "(Frantar & Alistarh 2023)", prune_only=True, scope="layer", fixed_scope=True,
+              structures=("unstructured", "nm"),
+              why="SparseGPT reconstructs each layer from its own inputs, so it prunes every layer to the "
+                  "same fraction (scope layer), and it chooses single weights (unstructured, or N:M as in its "
+                  "paper): whole tiles or units would need another reconstruction"),
     MethodRow("state", "score from the optimizer's Adam moments (bitter variants)"),
 )
 
@@ -69,11 +84,18 @@ VARIANTS: tuple[Variant, ...] = (
 LAYER_CAP = 0.95  # under layer-adaptive sparsity no layer is pruned beyond this fraction
 
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
+PRUNE_ONLY_METHODS: frozenset[str] = frozenset(m.name for m in METHODS if m.prune_only)
+BY_METHOD: dict[str, MethodRow] = {m.name: m for m in METHODS}
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
 BY_VARIANT: dict[str, Variant] = {v.name: v for v in VARIANTS}
 BUDGET_MULTIPLIERS: dict[str, float] = {v.name: v.budget for v in VARIANTS if v.budget != 1.0}
 LAYER_ADAPTIVE_VARIANTS: frozenset[str] = frozenset(v.name for v in VARIANTS if v.layer_adaptive)
-IMPLIED_SCOPE: dict[str, str] = {v.name: v.scope for v in VARIANTS if v.scope}
+# The scope a method or variant (as the matrix's method axis names them) means when SPARSITY_SCOPE is not set:
+# bitter4 layer-adaptive, wanda row, sparsegpt layer. FIXED_SCOPE: those that refuse any other.
+IMPLIED_SCOPE: dict[str, str] = ({v.name: v.scope for v in VARIANTS if v.scope}
+                                 | {m.name: m.scope for m in METHODS if m.scope})
+FIXED_SCOPE: dict[str, str] = ({v.name: v.scope for v in VARIANTS if v.scope}
+                               | {m.name: m.scope for m in METHODS if m.scope and m.fixed_scope})
 
 # Sparsity structures (SPARSITY_STRUCTURE) and selection scopes (SPARSITY_SCOPE), in menu order.
 STRUCTURES: tuple[str, ...] = ("unstructured", "nm", "block", "channel")
@@ -84,5 +106,26 @@ REFUSED_SCOPES: dict[tuple[str, str], str] = {
     ("channel", "row"): "a channel unit is itself a whole row (and its inputs): there is no row to share "
                         "the fraction within; use SPARSITY_SCOPE=global, layer or layer-adaptive",
 }
+
+
+def scope_in_use(scope: str | None, method: str | None, variant: str | None) -> str:
+    """SPARSITY_SCOPE as set, else the scope the variant or method means, else global."""
+    return scope or IMPLIED_SCOPE.get(variant or "") or IMPLIED_SCOPE.get(method or "") or "global"
+
+
+def method_problem(method: str | None, structure: str, scope: str) -> tuple[str, str] | None:
+    """(symbol, why) if `method` (a METHODS name) refuses `structure` or `scope`; None when it accepts them."""
+    row = BY_METHOD.get(method or "")
+    if row is None:
+        return None
+    if row.structures and structure not in row.structures:
+        return ("SPARSITY_STRUCTURE", f"{structure} cannot be used with PRUNING_METHOD={method}: {row.why}; set "
+                f"SPARSITY_STRUCTURE to {' or '.join(row.structures)}")
+    if row.fixed_scope and scope != row.scope:
+        return ("SPARSITY_SCOPE", f"{scope} cannot be used with PRUNING_METHOD={method}: {row.why}; set "
+                f"SPARSITY_SCOPE={row.scope}")
+    return None
+
+
 # What the test matrix sweeps on its method axis: every method but "state", then every variant by name.
 MATRIX_METHODS: tuple[str, ...] = tuple(m for m in METHOD_NAMES if m != "state") + VARIANT_NAMES

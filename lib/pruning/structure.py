@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from lib.pruning.masks import CHUNK, MaskSet, pack_bits
-from lib.pruning.registry import IMPLIED_SCOPE, LAYER_ADAPTIVE_VARIANTS, LAYER_CAP, NM_GROUP_LENGTHS, REFUSED_SCOPES
+from lib.pruning.registry import (FIXED_SCOPE, LAYER_ADAPTIVE_VARIANTS, LAYER_CAP, NM_GROUP_LENGTHS, REFUSED_SCOPES,
+                                  method_problem, scope_in_use)
 from lib.pruning.selection import floats_to_keys_
 
 INT32_MAX = 2 ** 31 - 1
@@ -42,7 +43,8 @@ INT32_MAX = 2 ** 31 - 1
 def structure_problems(s) -> list[tuple[str, str]]:
     """What is wrong with the structure and scope settings of `s`: (symbol, problem) pairs."""
     problems: list[tuple[str, str]] = []
-    structure, scope = s.sparsity_structure or "unstructured", s.sparsity_scope or "global"
+    structure = s.sparsity_structure or "unstructured"
+    scope = scope_in_use(s.sparsity_scope, s.pruning_method, s.variant)
     target = s.target_sparsity
     if structure == "nm" and s.nm_n is not None and s.nm_m is not None:
         n, m = s.nm_n, s.nm_m
@@ -58,7 +60,10 @@ def structure_problems(s) -> list[tuple[str, str]]:
     if (structure, scope) in REFUSED_SCOPES:
         problems.append(("SPARSITY_SCOPE", f"{scope} cannot be used with SPARSITY_STRUCTURE={structure}: "
                          f"{REFUSED_SCOPES[(structure, scope)]}"))
-    implied = IMPLIED_SCOPE.get(s.variant)
+    problem = method_problem(s.pruning_method, structure, scope)
+    if problem:
+        problems.append(problem)
+    implied = FIXED_SCOPE.get(s.variant)
     if implied is not None and scope != implied:
         problems.append(("SPARSITY_SCOPE", f"{scope} conflicts with {s.variant}, which is bitter3's score with "
                          f"{implied} scope; set SPARSITY_SCOPE={implied}, or choose bitter3 for its score with "

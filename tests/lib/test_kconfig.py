@@ -278,7 +278,7 @@ def test_the_trainer_refuses_what_make_refuses_with_the_same_message(tmp_path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--max-iters", "0"], "--max-iters: MAX_ITERS 0 is out of range [1, 100000000]"),
+    (["--max-iters", "-1"], "--max-iters: MAX_ITERS -1 is out of range [0, 100000000]"),
     (["--pruning-method", "state", "--optimizer", "adamw"], "--pruning-method: PRUNING_METHOD_STATE has unmet dependencies (OPTIMIZER_ADAMWPRUNE)"),
 ])
 def test_trainer_flags_are_held_to_the_kconfig_rules(flags, expected):

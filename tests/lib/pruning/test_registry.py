@@ -53,7 +53,8 @@ def test_matrix_selectors_are_the_tables(kconf):
     selected = {sym: value for sym, (axis, value) in SELECTORS.items() if axis == "method"}
     assert set(selected) == method_symbols
     assert list(selected.values()) == list(registry.MATRIX_METHODS)
-    assert registry.MATRIX_METHODS == ("none", "magnitude", "movement", "spt") + registry.VARIANT_NAMES
+    assert registry.MATRIX_METHODS == ("none", "magnitude", "movement", "spt", "wanda", "sparsegpt") + \
+        registry.VARIANT_NAMES
     for v in VARIANTS:
         assert selected[f"MATRIX_VARIANT_{v.name.upper()}"] == v.name
 
@@ -72,6 +73,24 @@ def test_derived_tables():
     assert registry.LAYER_ADAPTIVE_VARIANTS == {"bitter4"}
     assert build_method("magnitude").nonnegative is True
     assert build_method("movement").nonnegative is False and build_method("spt").nonnegative is False
+
+
+@pytest.mark.parametrize("row", [m for m in METHODS if m.name not in ("none", "state")], ids=lambda m: m.name)
+def test_every_method_is_as_nonnegative_as_its_row_says(row):
+    assert build_method(row.name).nonnegative == row.nonnegative
+
+
+def test_prune_only_methods_are_those_that_need_no_training():
+    assert registry.PRUNE_ONLY_METHODS == {"magnitude", "wanda", "sparsegpt"}
+
+
+@pytest.mark.parametrize("method, scope", [("none", "global"), ("magnitude", "global"), ("wanda", "row"),
+                                           ("sparsegpt", "layer")])
+def test_kconfig_default_scope_per_method_is_the_table(kconf, method, scope):
+    kconf.syms[f"PRUNING_METHOD_{method.upper()}"].set_value(2)
+    if method != "none":
+        assert kconf.named_choices["SPARSITY_SCOPE"].selection.name == f"SPARSITY_SCOPE_{scope.upper()}"
+    assert registry.scope_in_use(None, method, None) == scope
 
 
 def test_unknown_variant_is_a_clear_error():
