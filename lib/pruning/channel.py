@@ -19,6 +19,26 @@ from lib.pruning.structure import GroupStructure
 from lib.pruning.units import Units
 
 
+def _sums_along(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Float64 sums of `scores` over every dimension but `dim`, one per index along `dim`.
+
+    sum(dtype=float64) first copies its whole input to float64 (twice the float32 scores' size):
+    summed in chunks along `dim`, only one chunk is copied at a time (4 MiB, or 64 indices if more).
+    Each sum is still taken over the same values in the same order, so the results are the same
+    bits; a chunk of one index would not be (a single sum is reduced by a different kernel).
+    """
+    if scores.dim() == 1:
+        return scores.double()
+    other = [d for d in range(scores.dim()) if d != dim]
+    size = scores.shape[dim]
+    per = max(64, (CHUNK // 2) // (scores.numel() // size))
+    along = torch.empty(size, dtype=torch.float64, device=scores.device)
+    for a0 in range(0, size, per):
+        n = min(per, size - a0)
+        torch.sum(scores.narrow(dim, a0, n), dim=other, dtype=torch.float64, out=along.narrow(0, a0, n))
+    return along
+
+
 class Channel(GroupStructure):
     kind = "channel"
     group = "unit"
@@ -69,10 +89,12 @@ class Channel(GroupStructure):
         self.sums = [torch.zeros(f.count, dtype=torch.float64, device=s.device)
                      for f, s in zip(self.units.families, self.pruned)]
 
+    def group_score_bytes(self, i) -> int:
+        return 8 * sum(f.count for f in self.units.families)  # every family's float64 sums, from begin()
+
     def add_scores(self, i, scores) -> None:
         for fi, s in self.scored[i]:
-            other = [d for d in range(scores.dim()) if d != s.dim]
-            along = scores.sum(dim=other, dtype=torch.float64) if other else scores.double()
+            along = _sums_along(scores, s.dim)
             self.sums[fi] += along[s.index.to(along.device)].sum(dim=1)
 
     def group_keys(self) -> list[torch.Tensor]:

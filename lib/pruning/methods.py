@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lib import distributed
-from lib.pruning.scores import NONNEGATIVE_SCORES, STATE_VARIANTS, ScoreContext, ScoreFn, magnitude
+from lib.pruning.registry import TEMPORARIES
+from lib.pruning.scores import NONNEGATIVE_SCORES, STATE_VARIANTS, ScoreContext, ScoreFn, magnitude, score_in_chunks
 
 
 @dataclass
@@ -53,6 +54,11 @@ class Method:
     def score(self, index: int, w: torch.Tensor, state: dict, out: torch.Tensor, ctx: ScoreContext) -> None:
         raise NotImplementedError
 
+    @property
+    def temporaries(self) -> int:
+        """Float32 intermediates, each one score chunk in size, that `score` holds at once (its registry row's)."""
+        return TEMPORARIES.get(self.name, 0)
+
     def buffers(self) -> list[torch.Tensor]:
         """Persistent per-weight tensors this method keeps (for memory accounting)."""
         return []
@@ -74,7 +80,7 @@ class FunctionMethod(Method):
         self.nonnegative = fn in NONNEGATIVE_SCORES
 
     def score(self, index, w, state, out, ctx) -> None:
-        self.fn(w, state, out, ctx)
+        score_in_chunks(self.fn, w, state, out, ctx)  # chunk-sized intermediates, not weight-sized
 
 
 class Movement(Method):

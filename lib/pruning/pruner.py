@@ -5,7 +5,7 @@ watch training record what they need), `after_backward()` (zero the gradients
 of pruned weights) and `after_step(step)` after each optimizer step (update
 the masks when the schedule says so; the scores of an update are written into
 the spent gradients, which are set to None, so it needs no score-sized
-buffer). Only the method's score differs between methods, so at every
+buffer; `peak_score_bytes` records the score memory it did need). Only the method's score differs between methods, so at every
 update every method prunes the same number of weights. What is pruned
 together (lib/pruning/structure.py) and among which groups the lowest are
 taken (the scope: global, layer, layer-adaptive, row) are shared settings too.
@@ -24,7 +24,7 @@ from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
-from lib.pruning.scores import ScoreContext, ScoreFn
+from lib.pruning.scores import ScoreContext, ScoreFn, score_chunk_numel
 from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
 # target_count and layer_adaptive_counts are imported from here by their users
 from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
@@ -191,17 +191,24 @@ class Pruner:
 
     def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks, structure = self.masks, self.structure
-        keys, borrowed, allocated = [], [], 0
+        keys, borrowed, allocated, peak = [], [], 0, 0
         weight_level = structure.weight_level
         if not weight_level:
             structure.begin()
         for i, p in enumerate(masks.params):
-            out = _spent_gradient(p) if gradients_spent else None
+            out, own = _spent_gradient(p) if gradients_spent else None, 0
             if out is None:
                 out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-                allocated += out.numel() * out.element_size()
+                own = out.numel() * out.element_size()
             else:
                 borrowed.append(p)
+            allocated += own
+            # Score memory while this weight is scored: the buffers held (the keys keep every one; a group
+            # structure folds each into its group scores and drops it), the group scores, a float32 copy of
+            # a weight of another dtype and the score's declared intermediates.
+            transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
+                         + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
+            peak = max(peak, (allocated if weight_level else own) + structure.group_score_bytes(i) + transient)
             self.method.score(i, p.detach().float(), self.optimizer.state.get(p, {}), out, ctx)
             if not weight_level:  # the structure folds the weights' scores into its groups' scores
                 structure.add_scores(i, out)
@@ -215,7 +222,7 @@ class Pruner:
                     key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
             structure.restrict_(i, key)
             keys.append(key)
-        self.peak_score_bytes = max(self.peak_score_bytes, allocated)
+        self.peak_score_bytes = max(self.peak_score_bytes, peak)
         if not weight_level:
             structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
                                            if counts.per_row is not None else None))
