@@ -195,6 +195,8 @@ class Pruner:
         weight_level = structure.weight_level
         if not weight_level:
             structure.begin()
+        # Which parameters already have pruned weights, read from the device once, not once per parameter.
+        pruned_before = masks.pruned_flags() if weight_level else []
         for i, p in enumerate(masks.params):
             out, own = _spent_gradient(p) if gradients_spent else None, 0
             if out is None:
@@ -213,15 +215,7 @@ class Pruner:
             if not weight_level:  # the structure folds the weights' scores into its groups' scores
                 structure.add_scores(i, out)
                 continue
-            flat = out.view(-1)
-            # Non-negative floats already order like their int32 bit patterns.
-            key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
-            if masks.any_pruned(i):  # pruned stay pruned: they get the lowest possible key
-                for start, n in chunks(key.numel(), chunk_size(key.device)):  # GPUs: whole tensors
-                    pruned = masks.pruned_chunk(i, start, n)
-                    key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
-            structure.restrict_(i, key)
-            keys.append(key)
+            keys.append(self._keys_(i, out, pruned_before[i]))
         self.peak_score_bytes = max(self.peak_score_bytes, peak)
         if not weight_level:
             structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
@@ -242,6 +236,22 @@ class Pruner:
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
         masks.zero_pruned_weights_and_states(self.optimizer)
+
+    def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
+        """Parameter i's float32 scores turned in place into its int32 selection keys.
+
+        Pruned weights get the lowest key (pruned stay pruned) and the structure makes what it
+        does not allow unselectable. The chunks' temporaries are gone when this returns.
+        """
+        flat = scores.view(-1)
+        # Non-negative floats already order like their int32 bit patterns.
+        key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
+        if any_pruned:
+            for start, n in chunks(key.numel(), chunk_size(key.device)):  # GPUs: whole tensors
+                pruned = self.masks.pruned_chunk(i, start, n)
+                key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
+        self.structure.restrict_(i, key)
+        return key
 
     def _store_rows(self, key: torch.Tensor, i: int, per_row: int) -> None:
         """Pack the `per_row` lowest keys of every output row of parameter i into its bits."""

@@ -209,7 +209,7 @@ class GroupStructure(Structure):
         raise NotImplementedError
 
     def pruned_per_layer(self) -> list[int]:
-        return [int(s.sum()) for s in self.pruned]
+        return torch.stack([s.sum() for s in self.pruned]).tolist()  # one read from the device, not one per layer
 
     def pruned_groups(self) -> int:
         return sum(self.pruned_per_layer())
