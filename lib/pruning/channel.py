@@ -109,7 +109,12 @@ class Channel(GroupStructure):
         out: dict[int, torch.Tensor] = {}
         for fi, s in self.touching[pid]:
             flags = out.setdefault(s.dim, torch.zeros(p.shape[s.dim], dtype=torch.bool, device=p.device))
-            flags[s.index.to(p.device)[self.pruned[fi]].reshape(-1)] = True
+            # An index goes when any unit it belongs to goes; counted by index_add_, not picked out by a
+            # boolean index, which would wait for the device once per slice.
+            index = s.index.to(p.device)
+            hits = torch.zeros(p.shape[s.dim], dtype=torch.int32, device=p.device)
+            hits.index_add_(0, index.reshape(-1), self.pruned[fi][:, None].expand(index.shape).reshape(-1).int())
+            flags |= hits > 0
         return out
 
     @staticmethod
@@ -147,14 +152,15 @@ class Channel(GroupStructure):
 
     def target_weights(self, target_groups) -> int:
         """Weights the pruned units hold, counted from the units (rows and columns, each weight once)."""
-        total = 0
+        totals = []  # per parameter, on the device: read once at the end, not once per parameter
         for p in self.masks.params:
             along = self._along(id(p))
-            rows, cols = (int(along[d].sum()) if d in along else 0 for d in (0, 1))
+            rows, cols = (along[d].sum() if d in along else torch.zeros((), dtype=torch.int64, device=p.device)
+                          for d in (0, 1))
             rest = p.numel() // (p.shape[0] * p.shape[1]) if p.dim() > 1 else 1
             inputs = p.shape[1] if p.dim() > 1 else 1
-            total += (rows * inputs + cols * p.shape[0] - rows * cols) * rest
-        return total
+            totals.append((rows * inputs + cols * p.shape[0] - rows * cols) * rest)
+        return int(torch.stack(totals).sum())
 
     def pruned_weights(self, selected_groups) -> int:
         return self.masks.count()  # from the bits: checks them against the units
