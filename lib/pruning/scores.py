@@ -141,8 +141,11 @@ def bitter8(w, state, out, ctx) -> None:
     m, _ = _moments(state)
     if m is None:
         return magnitude(w, state, out, ctx)
-    t = float(state.get("step", ctx.step))
-    correction = 1.0 - ctx.beta1 ** max(t, 1.0)
+    t = state.get("step", ctx.step)
+    if torch.is_tensor(t):  # kept as a tensor: a fused Adam's step is on the GPU, and reading it would wait
+        correction = 1.0 - torch.pow(ctx.beta1, t.double().clamp_min(1.0))
+    else:
+        correction = 1.0 - ctx.beta1 ** max(float(t), 1.0)
     torch.abs(m, out=out)
     out.div_(correction).add_(EPS).sqrt_().mul_(w).abs_()
 

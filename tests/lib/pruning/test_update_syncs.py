@@ -63,12 +63,12 @@ def _structure(kind: str, model: nn.Sequential) -> Structure:
     return {"unstructured": Structure, "nm": lambda: NM(2, 4), "block": lambda: Block(4, 4)}[kind]()
 
 
-def _reads_per_update(kind: str, depth: int, monkeypatch) -> list[collections.Counter]:
+def _reads_per_update(kind: str, depth: int, monkeypatch, variant: str = "bitter9") -> list[collections.Counter]:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(depth)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pool = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
-    pruner = Pruner(pool, Schedule("linear", start=1, end=3, final=0.5), build_method("state", "bitter9"), opt,
+    pruner = Pruner(pool, Schedule("linear", start=1, end=3, final=0.5), build_method("state", variant), opt,
                     structure=_structure(kind, model))
     reads = []
     for step in (1, 2, 3):
@@ -88,3 +88,9 @@ def test_a_mask_update_reads_the_device_as_often_whatever_the_number_of_paramete
     # The updates that select (and the last keeps pruned weights pruned) read the threshold: the counter works.
     assert all(sum(counts.values()) > 0 for counts in shallow[1:])
     assert deep == shallow, (deep, shallow)
+
+
+def test_bitter8_reads_adams_step_count_without_a_read_per_parameter(monkeypatch):
+    # The bias correction needs Adam's step, a tensor in the state (on the GPU under fused Adam).
+    shallow = _reads_per_update("unstructured", 2, monkeypatch, "bitter8")
+    assert _reads_per_update("unstructured", 8, monkeypatch, "bitter8") == shallow
