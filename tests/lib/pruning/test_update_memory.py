@@ -6,6 +6,7 @@
   buffers of the update's own.
 - A structured update (nm, block, channel) allocates no score-sized buffer beyond what the
   unstructured update does, only group-sized ones.
+- Breaking a tie over whole tensors (as on a GPU) holds no more than over CPU-sized chunks.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from torch import nn
 from torch.profiler import record_function
 
 from lib.pruning.channel import Channel
+from lib.pruning.masks import CHUNK, GPU_CHUNK
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.registry import VARIANT_NAMES
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import SCORE_CHUNK
+from lib.pruning.selection import iter_selection, kth_threshold
 from lib.pruning.structure import NM, Block, Structure
 from lib.pruning.units import UnitFamily, Units, consecutive
 from tests.allocations import allocation_peaks
@@ -132,3 +135,23 @@ def test_a_structured_update_allocates_no_score_sized_buffer_beyond_the_unstruct
     extra = structured - unstructured
     assert extra <= 8 * groups + SCALARS
     assert 8 * groups < score_buffer / 2
+
+
+@pytest.mark.slow
+def test_tied_keys_are_taken_in_pieces_even_when_the_selection_runs_over_whole_tensors():
+    # SPT's never-explored weights all score 0, so at its updates most keys tie. A GPU runs the selection
+    # over whole tensors (GPU_CHUNK); the tied keys' int64 indices and hashes must still come in pieces.
+    n = 1 << 21  # twice a CPU chunk
+    keys = [torch.zeros(n, dtype=torch.int32), torch.zeros(n // 2, dtype=torch.int32)]
+    thr = kth_threshold(keys, n // 2)
+    assert thr.ties < thr.equal  # a tie to break
+    selections, peaks = {}, {}
+    for chunk in (CHUNK, GPU_CHUNK):
+        def select():
+            selections[chunk] = torch.cat([torch.cat([s for j, _, s in iter_selection(keys, thr, chunk=chunk) if j == i])
+                                           for i in range(2)])
+        peaks[chunk] = allocation_peaks(select).overall
+    assert torch.equal(selections[CHUNK], selections[GPU_CHUNK]) and int(selections[CHUNK].sum()) == n // 2
+    # Over whole tensors only the selected flags grow (a byte per key of the largest tensor; the result
+    # itself, a byte per key, is made alike at both chunk sizes).
+    assert peaks[GPU_CHUNK] <= peaks[CHUNK] + 2 * n, peaks
