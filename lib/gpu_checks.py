@@ -324,7 +324,9 @@ def check_mask_update_memory_and_waits(device: torch.device, workdir: Path) -> d
     expect(recorded > 0, "the update recorded no score memory: bitter5's intermediates are missing")
     out = {"recorded_peak_bytes": recorded}
     if peaks:
-        expect(abs(max(peaks) - recorded) <= 1 << 20, f"scoring held {max(peaks)} bytes at its peak, "
+        # The caching allocator may hand out a block up to 1 MiB larger than asked (it splits no smaller
+        # remainder), per intermediate; a wrong count of intermediates is off by 16 MiB or more.
+        expect(abs(max(peaks) - recorded) <= 4 << 20, f"scoring held {max(peaks)} bytes at its peak, "
                                                       f"{recorded} recorded")
         out["measured_peak_bytes"] = max(peaks)
     waits = []
