@@ -18,6 +18,7 @@ import signal
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -258,6 +259,131 @@ def _checkpoint_resume(device: torch.device, workdir: Path) -> dict:
     return {"final_loss_gap": gap}
 
 
+@contextlib.contextmanager
+def device_waits(device: torch.device):
+    """Collect, as the block runs, every operation that made the host wait for a CUDA device (CUDA's
+    sync debug mode warns of each). On a CPU nothing waits and the list stays empty."""
+    found: list[str] = []
+    if device.type != "cuda":
+        yield found
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    found.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+
+
+def _pruner_one_step_in(device: torch.device, layers: int, rows: int):
+    """A bitter5 pruner over `layers` weights [rows, 768] on `device`, and a function that runs one AdamW step."""
+    from lib.pruning.methods import build_method
+    from lib.pruning.pruner import Pruner
+    from lib.pruning.schedules import Schedule
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(rows, 768, device=device)) for _ in range(layers)]
+    opt = torch.optim.AdamW(weights, lr=1e-3)
+    pruner = Pruner([(f"w{i}", w) for i, w in enumerate(weights)], Schedule("linear", start=1, end=3, final=0.5),
+                    build_method("state", "bitter5"), opt)
+
+    def step() -> None:
+        for w in weights:
+            w.grad = torch.randn_like(w)
+        opt.step()
+    return pruner, step
+
+
+def check_mask_update_memory_and_waits(device: torch.device, workdir: Path) -> dict:
+    """A mask update's recorded score memory (summary.json's mask_update_peak) is what the CUDA allocator
+    saw it hold while scoring, chunked score included; and it waits for the device as often for 8
+    weights as for 2 (not once per parameter)."""
+    from lib.pruning.scores import GPU_SCORE_CHUNK, SCORE_CHUNK
+
+    chunk = SCORE_CHUNK if device.type == "cpu" else GPU_SCORE_CHUNK
+    pruner, step = _pruner_one_step_in(device, 2, 2 * chunk // 768 + 8)  # each weight is scored in 3 chunks
+    step()
+    pruner.after_step(1)  # sparsity 0: nothing pruned yet
+    step()
+    score, peaks = pruner.method.score, []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+
+        def measured(*args):
+            torch.cuda.reset_peak_memory_stats(device)
+            score(*args)
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        pruner.method.score = measured
+    update = pruner.after_step(2)  # scores written into the spent gradients
+    expect(update.pruned_count == update.target_count > 0, f"pruned {update.pruned_count} of {update.target_count}")
+    recorded = pruner.peak_score_bytes
+    expect(recorded > 0, "the update recorded no score memory: bitter5's intermediates are missing")
+    out = {"recorded_peak_bytes": recorded}
+    if peaks:
+        # The caching allocator may hand out a block up to 1 MiB larger than asked (it splits no smaller
+        # remainder), per intermediate; a wrong count of intermediates is off by 16 MiB or more.
+        expect(abs(max(peaks) - recorded) <= 4 << 20, f"scoring held {max(peaks)} bytes at its peak, "
+                                                      f"{recorded} recorded")
+        out["measured_peak_bytes"] = max(peaks)
+    waits = []
+    for layers in (2, 8):
+        pruner, step = _pruner_one_step_in(device, layers, 64)
+        for update_step in (1, 2):
+            step()
+            pruner.after_step(update_step)
+        step()
+        with device_waits(device) as found:
+            pruner.after_step(3)  # keeps the pruned weights pruned and prunes more
+        waits.append(len(found))
+    expect(waits[0] == waits[1], f"a mask update waited for the device {waits[0]} times over 2 weights and "
+                                 f"{waits[1]} times over 8: once per parameter")
+    return {**out, "device_waits_per_update": waits[0]}
+
+
+def check_spt_and_spam_stay_on_device(device: torch.device, workdir: Path) -> dict:
+    """SPT draws its exploration on the device from its own generator (restored from its state, it
+    draws the same), and neither SPT's probe nor AdamWSPAM's step waits for the device."""
+    from lib.pruning.masks import MaskSet
+    from lib.pruning.methods import SPT, Observation
+    from lib.spam import AdamWSPAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(device)
+    batch = (torch.randn(16, 64, device=device), torch.randn(16, 8, device=device))
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    def spt() -> SPT:
+        masks = MaskSet([("0.weight", model[0].weight), ("2.weight", model[2].weight)])
+        method = SPT(epsilon=0.2, alpha=0.9, seed=3, last_step=100)
+        method.bind(masks.params, masks.pruned)
+        return method
+    first = spt()
+    expect(first.generator.device.type == device.type, f"SPT draws on {first.generator.device}, not {device}")
+    opt = AdamWSPAM(model.parameters(), lr=1e-3, theta=1.0, interval=3, warmup=1)  # clips spikes, resets moments
+    with device_waits(device) as found:
+        for step in range(1, 5):
+            opt.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            first.observe(Observation(step, model, batch, loss_fn, loss.detach()))
+            opt.step()
+    expect(not found, f"SPT's probe or AdamWSPAM's step waited for the device {len(found)} times: {found[:1]}")
+    second = spt()
+    second.load_state_dict(first.state_dict())
+    loss = loss_fn(model, batch).detach()
+    for method in (first, second):
+        method.observe(Observation(5, model, batch, loss_fn, loss))
+    expect(all(torch.equal(a, b) for a, b in zip(first.rewards, second.rewards)),
+           "an SPT restored from its state explored other weights than the original")
+    return {"generator_device": str(first.generator.device), "device_waits": len(found)}
+
+
 def check_semi_structured_24(device: torch.device, workdir: Path) -> dict:
     """2:4-pruned Linear layers as torch's semi-structured sparse tensors: same outputs, and their latency.
 
@@ -345,6 +471,8 @@ CHECKS: list[tuple[str, Callable[[torch.device, Path], dict]]] = [
     ("masks_exact_prefetch_peak_memory", check_train_masks_memory_prefetch),
     ("ddp_one_allreduce_per_step", check_ddp_one_allreduce),
     ("checkpoint_resume", check_checkpoint_resume),
+    ("mask_update_memory_and_waits", check_mask_update_memory_and_waits),
+    ("spt_and_spam_stay_on_device", check_spt_and_spam_stay_on_device),
     ("semi_structured_2of4", check_semi_structured_24),
 ]
 

@@ -29,7 +29,8 @@ def memory_by_kind(model: nn.Module, optimizer: torch.optim.Optimizer, pruner=No
     out["masks"] = pruner.masks.state_bytes() if pruner is not None else 0
     out["scores"] = sum(_nbytes(t) for t in pruner.score_buffers) if pruner is not None else 0
     out["total"] = sum(out.values())
-    # Transient, not in the total: score memory a mask update allocated beyond the spent
-    # gradients it writes scores into (0 when every pruned weight had one).
+    # Transient, not in the total: the most score memory a mask update held at once beyond the
+    # spent gradients it writes scores into: buffers it had to allocate, the score's declared
+    # chunk-sized intermediates, group scores (Pruner._select; checked by tests with torch.profiler).
     out["mask_update_peak"] = pruner.peak_score_bytes if pruner is not None else 0
     return out

@@ -19,6 +19,26 @@ from lib.pruning.structure import GroupStructure
 from lib.pruning.units import Units
 
 
+def _sums_along(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Float64 sums of `scores` over every dimension but `dim`, one per index along `dim`.
+
+    sum(dtype=float64) first copies its whole input to float64 (twice the float32 scores' size):
+    summed in chunks along `dim`, only one chunk is copied at a time (4 MiB, or 64 indices if more).
+    Each sum is still taken over the same values in the same order, so the results are the same
+    bits; a chunk of one index would not be (a single sum is reduced by a different kernel).
+    """
+    if scores.dim() == 1:
+        return scores.double()
+    other = [d for d in range(scores.dim()) if d != dim]
+    size = scores.shape[dim]
+    per = max(64, (CHUNK // 2) // (scores.numel() // size))
+    along = torch.empty(size, dtype=torch.float64, device=scores.device)
+    for a0 in range(0, size, per):
+        n = min(per, size - a0)
+        torch.sum(scores.narrow(dim, a0, n), dim=other, dtype=torch.float64, out=along.narrow(0, a0, n))
+    return along
+
+
 class Channel(GroupStructure):
     kind = "channel"
     group = "unit"
@@ -69,10 +89,12 @@ class Channel(GroupStructure):
         self.sums = [torch.zeros(f.count, dtype=torch.float64, device=s.device)
                      for f, s in zip(self.units.families, self.pruned)]
 
+    def group_score_bytes(self, i) -> int:
+        return 8 * sum(f.count for f in self.units.families)  # every family's float64 sums, from begin()
+
     def add_scores(self, i, scores) -> None:
         for fi, s in self.scored[i]:
-            other = [d for d in range(scores.dim()) if d != s.dim]
-            along = scores.sum(dim=other, dtype=torch.float64) if other else scores.double()
+            along = _sums_along(scores, s.dim)
             self.sums[fi] += along[s.index.to(along.device)].sum(dim=1)
 
     def group_keys(self) -> list[torch.Tensor]:
@@ -87,7 +109,12 @@ class Channel(GroupStructure):
         out: dict[int, torch.Tensor] = {}
         for fi, s in self.touching[pid]:
             flags = out.setdefault(s.dim, torch.zeros(p.shape[s.dim], dtype=torch.bool, device=p.device))
-            flags[s.index.to(p.device)[self.pruned[fi]].reshape(-1)] = True
+            # An index goes when any unit it belongs to goes; counted by index_add_, not picked out by a
+            # boolean index, which would wait for the device once per slice.
+            index = s.index.to(p.device)
+            hits = torch.zeros(p.shape[s.dim], dtype=torch.int32, device=p.device)
+            hits.index_add_(0, index.reshape(-1), self.pruned[fi][:, None].expand(index.shape).reshape(-1).int())
+            flags |= hits > 0
         return out
 
     @staticmethod
@@ -125,14 +152,15 @@ class Channel(GroupStructure):
 
     def target_weights(self, target_groups) -> int:
         """Weights the pruned units hold, counted from the units (rows and columns, each weight once)."""
-        total = 0
+        totals = []  # per parameter, on the device: read once at the end, not once per parameter
         for p in self.masks.params:
             along = self._along(id(p))
-            rows, cols = (int(along[d].sum()) if d in along else 0 for d in (0, 1))
+            rows, cols = (along[d].sum() if d in along else torch.zeros((), dtype=torch.int64, device=p.device)
+                          for d in (0, 1))
             rest = p.numel() // (p.shape[0] * p.shape[1]) if p.dim() > 1 else 1
             inputs = p.shape[1] if p.dim() > 1 else 1
-            total += (rows * inputs + cols * p.shape[0] - rows * cols) * rest
-        return total
+            totals.append((rows * inputs + cols * p.shape[0] - rows * cols) * rest)
+        return int(torch.stack(totals).sum())
 
     def pruned_weights(self, selected_groups) -> int:
         return self.masks.count()  # from the bits: checks them against the units

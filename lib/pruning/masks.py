@@ -137,21 +137,25 @@ class MaskSet:
         """Flags of elements start..start+length of parameter i (start a multiple of 8)."""
         return unpack_bits(self.bits[i][start // 8:(start + length + 7) // 8], length)
 
-    def any_pruned(self, i: int) -> bool:
-        return bool(self.bits[i].any())
+    def pruned_flags(self) -> list[bool]:
+        """Whether each parameter has a pruned weight: one read from the device for all of them."""
+        if not self.bits:
+            return []
+        return torch.stack([b.any() for b in self.bits]).tolist()
 
     def count(self) -> int:
         """Pruned weights according to the bits (recounted, not cached)."""
         return sum(self.counts())
 
     def counts(self) -> list[int]:
-        """Pruned weights per parameter."""
+        """Pruned weights per parameter, read from the device once for all of them."""
         out = []
         for b in self.bits:
             _, _, popcount = _tables(b.device)
             # in chunks: the int64 popcounts of every byte would be a weight-sized temporary
-            out.append(sum(int(popcount.index_select(0, part.int()).sum()) for part in b.split(CHUNK)))
-        return out
+            out.append(sum((popcount.index_select(0, part.int()).sum() for part in b.split(CHUNK)),
+                           torch.zeros((), dtype=torch.int64, device=b.device)))
+        return torch.stack(out).tolist() if out else []
 
     @torch.no_grad()
     def zeros_in_weights(self) -> list[int]:
@@ -189,12 +193,13 @@ class MaskSet:
     @torch.no_grad()
     def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Zero every pruned weight and its entries in every optimizer state of its shape."""
+        any_pruned = self.pruned_flags()
         for i, p in enumerate(self.params):
             targets = [p.detach()]
             if optimizer is not None:
                 targets += [v for k, v in optimizer.state.get(p, {}).items()
                             if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
-            if not self.any_pruned(i):
+            if not any_pruned[i]:
                 continue
             flats = [t.view(-1) for t in targets]
             for start, n in chunks(p.numel(), chunk_size(p.device)):

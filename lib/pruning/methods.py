@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from lib import distributed
-from lib.pruning.scores import NONNEGATIVE_SCORES, STATE_VARIANTS, ScoreContext, ScoreFn, magnitude
+from lib.pruning.registry import TEMPORARIES
+from lib.pruning.scores import NONNEGATIVE_SCORES, STATE_VARIANTS, ScoreContext, ScoreFn, magnitude, score_in_chunks
 from lib.pruning.sparsegpt import inverse_hessian_factor, prune_layer_
 
 
@@ -68,6 +69,11 @@ class Method:
     def score(self, index: int, w: torch.Tensor, state: dict, out: torch.Tensor, ctx: ScoreContext) -> None:
         raise NotImplementedError
 
+    @property
+    def temporaries(self) -> int:
+        """Float32 intermediates, each one score chunk in size, that `score` holds at once (its registry row's)."""
+        return TEMPORARIES.get(self.name, 0)
+
     def buffers(self) -> list[torch.Tensor]:
         """Persistent per-weight tensors this method keeps (for memory accounting)."""
         return []
@@ -89,7 +95,7 @@ class FunctionMethod(Method):
         self.nonnegative = fn in NONNEGATIVE_SCORES
 
     def score(self, index, w, state, out, ctx) -> None:
-        self.fn(w, state, out, ctx)
+        score_in_chunks(self.fn, w, state, out, ctx)  # chunk-sized intermediates, not weight-sized
 
 
 class Movement(Method):
@@ -184,11 +190,20 @@ class Wanda(Method):
     nonnegative = True  # |w| times a square root: never negative, never -0.0
     calibration = "norms"
 
+    @property
+    def inputs(self) -> list | None:
+        return self._norms
+
+    @inputs.setter
+    def inputs(self, stats: list | None) -> None:
+        # Each layer's column norms, computed once per update in the calibration's own memory.
+        self._norms = None if stats is None else [s.sums.div_(s.count).sqrt_() for s in stats]
+
     def score(self, index, w, state, out, ctx) -> None:
-        stats = self.inputs[index]
+        norm = self.inputs[index]  # one per column of w.view(rows, -1)
         rows = w.shape[0]
-        norm = (stats.sums / stats.count).sqrt_()  # one per column of w.view(rows, -1)
-        torch.mul(w.abs().view(rows, -1), norm, out=out.view(rows, -1))
+        scores = out.view(rows, -1)
+        torch.abs(w.view(rows, -1), out=scores).mul_(norm)  # in place: no weight-sized temporary
 
 
 class SparseGPT(Method):

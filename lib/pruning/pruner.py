@@ -5,7 +5,7 @@ watch training record what they need), `after_backward()` (zero the gradients
 of pruned weights) and `after_step(step)` after each optimizer step (update
 the masks when the schedule says so; the scores of an update are written into
 the spent gradients, which are set to None, so it needs no score-sized
-buffer). Only the method's score differs between methods, so at every
+buffer; `peak_score_bytes` records the score memory it did need). Only the method's score differs between methods, so at every
 update every method prunes the same number of weights. What is pruned
 together (lib/pruning/structure.py) and among which groups the lowest are
 taken (the scope: global, layer, layer-adaptive, row) are shared settings too.
@@ -29,7 +29,7 @@ from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP, method_problem
 from lib.pruning.schedules import Schedule
-from lib.pruning.scores import ScoreContext, ScoreFn
+from lib.pruning.scores import ScoreContext, ScoreFn, score_chunk_numel
 from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
 # target_count and layer_adaptive_counts are imported from here by their users
 from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
@@ -80,6 +80,7 @@ class Pruner:
         self.method.bind(self.masks.params, self.masks.pruned)
         # Reads the pruned layers' inputs for a method that needs them (Method.calibration); set by build_pruner.
         self.calibration: Callable[[str], list] | None = None
+        self._calibration_bytes = 0  # what the calibration statistics of the update in progress hold
         self.optimizer = optimizer
         self.beta1 = beta1
         self._check_reachable()
@@ -206,7 +207,10 @@ class Pruner:
             if self.calibration is None:
                 raise KpruneError(f"{method.name} reads calibration inputs, but this pruner was built without "
                                   "the model and its calibration batches")
-            method.inputs = self.calibration(method.calibration)
+            stats = self.calibration(method.calibration)
+            # The calibration statistics are held through the update: per-column sums (wanda) or Hessians (sparsegpt).
+            self._calibration_bytes = sum(st.sums.numel() * st.sums.element_size() for st in stats)
+            method.inputs = stats
         try:
             if method.reconstructs:
                 self._reconstruct(counts)
@@ -214,12 +218,17 @@ class Pruner:
                 self._select(counts, ctx, gradients_spent)
         finally:
             method.inputs = None  # per-layer statistics (Hessians) live for one update only
+            self._calibration_bytes = 0
 
     def _reconstruct(self, counts: Counts) -> None:
         """Each layer pruned to its count by the method itself (SparseGPT), which also updates the kept weights."""
         masks, structure = self.masks, self.structure
         nm = (structure.n, structure.m) if structure.kind == "nm" else None
         first = 0
+        # Besides the Hessians, a layer's reconstruction holds a float32 copy of its weight and the factor of
+        # its inverse Hessian (columns x columns).
+        self.peak_score_bytes = max(self.peak_score_bytes, self._calibration_bytes + max(
+            4 * p.numel() + 4 * (p.numel() // p.shape[0]) ** 2 for p in masks.params))
         for i, (p, count) in enumerate(zip(masks.params, counts.per_layer)):
             pruned = masks.pruned_mask(i)
             if count != int(pruned.sum()):  # nothing new to prune: the layer stays as it is
@@ -231,31 +240,33 @@ class Pruner:
 
     def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks, structure = self.masks, self.structure
-        keys, borrowed, allocated = [], [], 0
+        keys, borrowed, allocated, peak = [], [], 0, 0
         weight_level = structure.weight_level
         if not weight_level:
             structure.begin()
+        # Which parameters already have pruned weights, read from the device once, not once per parameter.
+        pruned_before = masks.pruned_flags() if weight_level else []
         for i, p in enumerate(masks.params):
-            out = _spent_gradient(p) if gradients_spent else None
+            out, own = _spent_gradient(p) if gradients_spent else None, 0
             if out is None:
                 out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-                allocated += out.numel() * out.element_size()
+                own = out.numel() * out.element_size()
             else:
                 borrowed.append(p)
+            allocated += own
+            # Score memory while this weight is scored: the buffers held (the keys keep every one; a group
+            # structure folds each into its group scores and drops it), the group scores, a float32 copy of
+            # a weight of another dtype and the score's declared intermediates.
+            transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
+                         + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
+            peak = max(peak, (allocated if weight_level else own) + structure.group_score_bytes(i) + transient
+                       + self._calibration_bytes)
             self.method.score(i, p.detach().float(), self.optimizer.state.get(p, {}), out, ctx)
             if not weight_level:  # the structure folds the weights' scores into its groups' scores
                 structure.add_scores(i, out)
                 continue
-            flat = out.view(-1)
-            # Non-negative floats already order like their int32 bit patterns.
-            key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
-            if masks.any_pruned(i):  # pruned stay pruned: they get the lowest possible key
-                for start, n in chunks(key.numel(), chunk_size(key.device)):  # GPUs: whole tensors
-                    pruned = masks.pruned_chunk(i, start, n)
-                    key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
-            structure.restrict_(i, key)
-            keys.append(key)
-        self.peak_score_bytes = max(self.peak_score_bytes, allocated)
+            keys.append(self._keys_(i, out, pruned_before[i]))
+        self.peak_score_bytes = max(self.peak_score_bytes, peak)
         if not weight_level:
             structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
                                            if counts.per_row is not None else None))
@@ -275,6 +286,22 @@ class Pruner:
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
         masks.zero_pruned_weights_and_states(self.optimizer)
+
+    def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
+        """Parameter i's float32 scores turned in place into its int32 selection keys.
+
+        Pruned weights get the lowest key (pruned stay pruned) and the structure makes what it
+        does not allow unselectable. The chunks' temporaries are gone when this returns.
+        """
+        flat = scores.view(-1)
+        # Non-negative floats already order like their int32 bit patterns.
+        key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
+        if any_pruned:
+            for start, n in chunks(key.numel(), chunk_size(key.device)):  # GPUs: whole tensors
+                pruned = self.masks.pruned_chunk(i, start, n)
+                key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
+        self.structure.restrict_(i, key)
+        return key
 
     def _store_rows(self, key: torch.Tensor, i: int, per_row: int) -> None:
         """Pack the `per_row` lowest keys of every output row of parameter i into its bits."""

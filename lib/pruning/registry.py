@@ -31,6 +31,7 @@ class MethodRow:
     fixed_scope: bool = False  # ... and it refuses any other scope
     structures: tuple[str, ...] = ()  # the only SPARSITY_STRUCTUREs it accepts (empty: every one)
     why: str = ""  # why it refuses other scopes or structures, for the configuration error
+    temporaries: int = 0  # float32 score-chunk-sized temporaries its score holds at once (TEMPORARIES)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Variant:
     budget: float = 1.0            # extra iterations the variant was published with (VARIANT_BUDGET)
     scope: str | None = None       # the SPARSITY_SCOPE the variant means (and refuses any other), if any
     schedule: str = "cubic-ramp"   # the SCHEDULE Kconfig defaults to when this variant is chosen
+    temporaries: int = 0           # as MethodRow.temporaries; checked against torch.profiler by the tests
 
     @property
     def layer_adaptive(self) -> bool:
@@ -68,17 +70,17 @@ METHODS: tuple[MethodRow, ...] = (
 )
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("bitter0", "bitter0", True, "|w| * |m| * |w| / (sqrt(v) + eps)", schedule="linear"),
+    Variant("bitter0", "bitter0", True, "|w| * |m| * |w| / (sqrt(v) + eps)", schedule="linear", temporaries=1),
     Variant("bitter1", "magnitude", True, "|w|", schedule="linear"),
     Variant("bitter2", "magnitude", True, "|w|, budget x1.21", budget=1.21, schedule="linear"),
     Variant("bitter3", "bitter3", True, "|w| * sqrt(|m| + eps), budget x1.30", budget=1.30),
     Variant("bitter4", "bitter3", True, "bitter3 score, layer-adaptive sparsity, budget x1.30", budget=1.30,
             scope="layer-adaptive"),
-    Variant("bitter5", "bitter5", False, "-mtz + 0.1 * |w|"),
-    Variant("bitter6", "bitter6", True, "|w| * sqrt(|m| + eps) * sqrt(m^2 / (v + eps))"),
+    Variant("bitter5", "bitter5", False, "-mtz + 0.1 * |w|", temporaries=2),
+    Variant("bitter6", "bitter6", True, "|w| * sqrt(|m| + eps) * sqrt(m^2 / (v + eps))", temporaries=2),
     Variant("bitter7", "bitter7", True, "|w| * (|v| + eps)^0.25, budget x1.70", budget=1.70),
     Variant("bitter8", "bitter8", True, "|w| * sqrt(|m / (1 - beta1^t)| + eps)"),
-    Variant("bitter9", "bitter9", False, "|w| * sqrt(|m| + eps) - 0.1 * mtz"),
+    Variant("bitter9", "bitter9", False, "|w| * sqrt(|m| + eps) - 0.1 * mtz", temporaries=2),
 )
 
 LAYER_CAP = 0.95  # under layer-adaptive sparsity no layer is pruned beyond this fraction
@@ -96,6 +98,9 @@ IMPLIED_SCOPE: dict[str, str] = ({v.name: v.scope for v in VARIANTS if v.scope}
                                  | {m.name: m.scope for m in METHODS if m.scope})
 FIXED_SCOPE: dict[str, str] = ({v.name: v.scope for v in VARIANTS if v.scope}
                                | {m.name: m.scope for m in METHODS if m.scope and m.fixed_scope})
+# Per method or variant name: how many float32 temporaries, each the size of one score chunk
+# (lib/pruning/scores.py, score_chunk), its score holds at once; a mask update's recorded peak adds them.
+TEMPORARIES: dict[str, int] = {row.name: row.temporaries for row in (*METHODS, *VARIANTS)}
 
 # Sparsity structures (SPARSITY_STRUCTURE) and selection scopes (SPARSITY_SCOPE), in menu order.
 STRUCTURES: tuple[str, ...] = ("unstructured", "nm", "block", "channel")

@@ -144,7 +144,7 @@ def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK
     every_equal = thr.ties == thr.equal  # the usual case: no tie to break
     tie_key = None
     if not every_equal:
-        tie_key = _kth(lambda: _tied_hashes(keys, thr.key, first_index, chunk), thr.equal, thr.ties).key
+        tie_key = _kth(lambda: _tied_hashes(keys, thr.key, first_index, min(chunk, _CHUNK)), thr.equal, thr.ties).key
     offset, taken = first_index, 0
     for index, seg in enumerate(keys):
         for start in range(0, seg.numel(), chunk):
@@ -153,11 +153,15 @@ def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK
                 yield index, start, piece <= thr.key
                 continue
             selected = piece < thr.key
-            where = (piece == thr.key).nonzero().squeeze(1)
-            if where.numel():
-                chosen = where[tie_hash(where + (offset + start)) <= tie_key]
-                selected[chosen] = True
-                taken += chosen.numel()
+            # The tied keys' indices and hashes are int64, several times the keys' size: found in pieces
+            # of at most _CHUNK keys, so that a GPU, which passes whole tensors, holds no more than a CPU.
+            for sub in range(0, piece.numel(), _CHUNK):
+                where = (piece[sub:sub + _CHUNK] == thr.key).nonzero().squeeze(1)
+                if where.numel():
+                    where += sub
+                    chosen = where[tie_hash(where + (offset + start)) <= tie_key]
+                    selected[chosen] = True
+                    taken += chosen.numel()
             yield index, start, selected
         offset += seg.numel()
     assert every_equal or taken == thr.ties, "selection bug: wrong number of tied keys taken"

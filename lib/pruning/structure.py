@@ -138,6 +138,10 @@ class Structure:
     def restrict_(self, i: int, key: torch.Tensor) -> None:
         """Make the weights this structure does not allow in this selection unselectable."""
 
+    def group_score_bytes(self, i: int) -> int:
+        """Bytes of group scores a selection holds while parameter i's weights are scored."""
+        return 0
+
     def target_weights(self, target_groups: int) -> int:
         """Weights the target groups hold."""
         return target_groups
@@ -210,7 +214,7 @@ class GroupStructure(Structure):
         raise NotImplementedError
 
     def pruned_per_layer(self) -> list[int]:
-        return [int(s.sum()) for s in self.pruned]
+        return torch.stack([s.sum() for s in self.pruned]).tolist()  # one read from the device, not one per layer
 
     def pruned_groups(self) -> int:
         return sum(self.pruned_per_layer())
@@ -271,6 +275,9 @@ class Block(GroupStructure):
 
     def layer_rows(self) -> list[tuple[int, int]]:
         return list(self.tiles)
+
+    def group_score_bytes(self, i) -> int:
+        return 4 * sum(r * c for r, c in self.tiles[:i])  # the float32 tile means of the parameters before it
 
     def add_scores(self, i, scores) -> None:
         tr, tc = self.tiles[i]

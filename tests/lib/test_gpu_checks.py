@@ -54,7 +54,8 @@ def test_every_issue_path_has_a_check():
     names = [name for name, _ in gpu_checks.CHECKS]
     assert names == ["device_auto", "bf16_autocast_and_tf32", "compile_gpt2", "fused_adamw",
                      "exact_selection_equals_cpu", "masks_exact_prefetch_peak_memory", "ddp_one_allreduce_per_step",
-                     "checkpoint_resume", "semi_structured_2of4"]
+                     "checkpoint_resume", "mask_update_memory_and_waits", "spt_and_spam_stay_on_device",
+                     "semi_structured_2of4"]
 
 
 # The checks themselves, on the CPU: all but the 2:4 kernels (CUDA only) run here.
@@ -110,3 +111,37 @@ def test_ddp_check_counts_one_all_reduce_round_per_step(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compile_check_compiles_gpt2(tmp_path):
     assert gpu_checks.check_compile_gpt2(CPU, tmp_path)["loss"] > 0
+
+
+@pytest.mark.slow
+def test_mask_update_check_needs_the_score_memory_recorded_and_waits_not_growing_with_depth(tmp_path, monkeypatch):
+    from lib.pruning import registry
+    from lib.pruning.scores import SCORE_CHUNK
+
+    out = gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
+    assert out["recorded_peak_bytes"] == 2 * 4 * (SCORE_CHUNK // 768) * 768  # bitter5: two chunks of whole rows
+    assert out["device_waits_per_update"] == 0  # a CPU never waits; CUDA's sync debug mode counts on a GPU
+    # An update that waits once per weight: more waits over 8 weights than over 2.
+    calls = []
+
+    @contextlib.contextmanager
+    def waits_per_weight(device):
+        calls.append(1)
+        yield ["synchronizing"] * (2 if len(calls) == 1 else 8)
+    monkeypatch.setattr(gpu_checks, "device_waits", waits_per_weight)
+    with pytest.raises(CheckFailed, match="once per parameter"):
+        gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.TEMPORARIES, "bitter5", 0)  # the intermediates forgotten, as before
+    with pytest.raises(CheckFailed, match="no score memory"):
+        gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
+
+
+def test_spt_and_spam_check_draws_on_the_device_and_restores_the_generator(tmp_path, monkeypatch):
+    from lib.pruning.methods import SPT, Method
+
+    assert gpu_checks.check_spt_and_spam_stay_on_device(CPU, tmp_path) == {"generator_device": "cpu",
+                                                                          "device_waits": 0}
+    monkeypatch.setattr(SPT, "load_state_dict", Method.load_state_dict)  # the generator's state left behind
+    with pytest.raises(CheckFailed, match="explored other weights"):
+        gpu_checks.check_spt_and_spam_stay_on_device(CPU, tmp_path)
