@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 from lib.matrix import runner as runner_module
 from lib.matrix.gpus import gpu_for, sharing_note, visible_gpus
@@ -55,8 +56,10 @@ def test_runner_passes_visible_entries_to_its_children_and_records_sharing(tmp_p
             seen.append(env["CUDA_VISIBLE_DEVICES"])
 
         def wait(self):
+            together.wait()  # the three run at once, as JOBS=3 means: no slot is handed back early
             return 0
 
+    together = threading.Barrier(3, timeout=30)
     monkeypatch.setattr(runner_module.subprocess, "Popen", FakeProc)
     runs = [type("Run", (), {"id": f"r{i}", "model": "lenet5", "argv": []})() for i in range(3)]
     plan = Plan(name="gpus", axes={}, baseline=None, runs=runs, dropped=[], base_config="")
