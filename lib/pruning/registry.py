@@ -24,6 +24,7 @@ class MethodRow:
     name: str
     help: str          # the Kconfig prompt reads "<name>: <help>"
     nonnegative: bool = False  # scores are never negative (nor -0.0): their float bits are the selection keys
+    prune_only: bool = False  # scores without training: may run prune-only (MAX_ITERS=0)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Variant:
 
 METHODS: tuple[MethodRow, ...] = (
     MethodRow("none", "dense training, no pruning"),
-    MethodRow("magnitude", "score |w|", nonnegative=True),
+    MethodRow("magnitude", "score |w|", nonnegative=True, prune_only=True),
     MethodRow("movement", "score -sum(grad * w) (Sanh et al. 2020)"),
     MethodRow("spt", "explored loss change when a weight is removed (seed 000)"),
     MethodRow("state", "score from the optimizer's Adam moments (bitter variants)"),
@@ -69,6 +70,7 @@ VARIANTS: tuple[Variant, ...] = (
 LAYER_CAP = 0.95  # under layer-adaptive sparsity no layer is pruned beyond this fraction
 
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
+PRUNE_ONLY_METHODS: frozenset[str] = frozenset(m.name for m in METHODS if m.prune_only)
 VARIANT_NAMES: tuple[str, ...] = tuple(v.name for v in VARIANTS)
 BY_VARIANT: dict[str, Variant] = {v.name: v for v in VARIANTS}
 BUDGET_MULTIPLIERS: dict[str, float] = {v.name: v.budget for v in VARIANTS if v.budget != 1.0}

@@ -63,6 +63,8 @@ AXIS_KEYS = {
                            "sparsity_structure.m", "sparsity_structure.rows", "sparsity_structure.cols",
                            "sparsity_structure.units.", "sparsity_structure.attached"),
     "sparsity_scope": ("settings.sparsity_scope", "sparsity_structure.scope"),
+    # The matrix records every run's MAX_ITERS (0: prune-only, lib/matrix/plan.py): the steps it trained.
+    "max_iters": ("settings.max_iters", "iterations"),
 }
 # A method may imply its selection scope (bitter4: layer-adaptive, lib/pruning/registry.py): on the method axis
 # the scope follows such a method; between two methods that imply none it must agree.
