@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lib.errors import KpruneError
 from lib.kconfig import REPO_ROOT, read_config, settings_from_kconfig
+from lib.results import run_status
 
 # What `make pretrain` trains (and then exports): the defconfig's OUTPUT_DIR/RUN_NAME is the run directory.
 PRETRAIN_DEFCONFIG = "gpt2-pretrain-shakespeare"
@@ -44,9 +45,13 @@ def check_pretrained(spec: str) -> None:
         raise KpruneError(f"{what}: put config.json and model.safetensors there (the Hugging Face GPT-2 layout "
                           "`make export` writes into <run dir>/export/hf), or set GPT2_PRETRAINED to such a directory")
     run_dir = path.parent.parent
-    if (run_dir / "model.safetensors").is_file():
+    status = run_status(run_dir)
+    if status == "complete":
         raise KpruneError(f"{what}: the run {run_dir} is trained but not exported; run `make export RESULTS={run_dir}`, "
                           "then `make test-matrix` again")
+    if status == "interrupted":
+        raise KpruneError(f"{what}: the run {run_dir} was interrupted; finish it with `make resume RESUME={run_dir}`, "
+                          f"export it with `make export RESULTS={run_dir}`, then run `make test-matrix` again")
     if run_dir.resolve() == pretrain_run_dir().resolve():
         raise KpruneError(f"{what}: pretrain it first with `make pretrain` (it writes .config from defconfigs/"
                           f"{PRETRAIN_DEFCONFIG}, trains it into {run_dir} and exports it to {path}), then load this "

@@ -135,10 +135,14 @@ def test_a_missing_pretrained_export_is_one_error_naming_the_commands(tmp_path):
     message = str(exc.value)
     assert "\n" not in message and "config.json and model.safetensors missing" in message
     assert f"no finished run in {missing.parent.parent}" in message and "make export RESULTS=" in message
-    # a trained run that was not exported: make export is all that is missing
-    (missing.parent.parent).mkdir(parents=True)
-    (missing.parent.parent / "model.safetensors").write_bytes(b"")
-    with pytest.raises(KpruneError, match=rf"trained but not exported; run `make export RESULTS={missing.parent.parent}`"):
+    run_dir = missing.parent.parent
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"status": "interrupted"}')  # stopped: resume it, then export
+    with pytest.raises(KpruneError, match=rf"interrupted; finish it with `make resume RESUME={run_dir}`, export it "
+                                          rf"with `make export RESULTS={run_dir}`"):
+        _plan(missing)
+    (run_dir / "summary.json").write_text('{"status": "complete"}')  # finished: make export is all that is missing
+    with pytest.raises(KpruneError, match=rf"trained but not exported; run `make export RESULTS={run_dir}`"):
         _plan(missing)
 
 
