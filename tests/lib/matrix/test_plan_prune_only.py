@@ -63,7 +63,7 @@ def export(tmp_path_factory) -> Path:
     return hf
 
 
-def _plan(export: Path, *overrides: str):
+def _plan(export: Path | str, *overrides: str):
     kconf, seen = read_config(REPO_ROOT / "defconfigs" / "oneshot-ab")
     apply_overrides(kconf, seen, [f"GPT2_PRETRAINED={export}", *overrides])
     return build_plan(kconf, RUNS)
@@ -152,3 +152,18 @@ def test_the_shipped_matrix_without_a_pretrained_model_says_make_pretrain(monkey
     with pytest.raises(KpruneError, match=r"pretrain it first with `make pretrain` \(it writes \.config from "
                                           r"defconfigs/gpt2-pretrain-shakespeare"):
         build_plan(kconf, RUNS)
+
+
+def test_a_directory_not_from_make_export_says_which_files_to_put_there(tmp_path, export):
+    own = tmp_path / "my-gpt2"
+    own.mkdir()
+    (own / "config.json").write_bytes((export / "config.json").read_bytes())
+    with pytest.raises(KpruneError, match=r"holds no pretrained model \(model.safetensors missing\): put config.json "
+                                          r"and model.safetensors there"):
+        _plan(own)
+
+
+def test_a_hub_id_is_left_to_the_runs():
+    """Only a local directory is checked at plan time: a hub id is fetched (or found in the cache) by each run."""
+    plan = _plan("openai-community/gpt2", "MATRIX_STRUCTURE_NM=n")
+    assert {_settings(r).gpt2_pretrained for r in plan.runs} == {"openai-community/gpt2"}
