@@ -30,7 +30,7 @@ USER_VARIABLES := SET RESUME RESULTS JOBS DATA_DIR DATASET DATA_PATH TEXT_FIELD 
 $(foreach v,$(USER_VARIABLES),$(eval override $(v) := $$(value $(v)))$(eval export KPRUNE_$(v) := $$($(v))))
 
 .PHONY: help install install-trackers train resume demo test test-fast clean menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config command schedule pretrain test-matrix matrix-status matrix-cancel sbatch-train plots compare export sample \
+        list-defconfigs check-config command schedule test-matrix matrix-status matrix-cancel sbatch-train plots compare export sample \
         data-cifar10 data-cifar100 data-gpt2 bench bench-pruning bench-train bench-inference check-env check-gpu bench-gpu \
         $(addprefix defconfig-,$(DEFCONFIGS))
 
@@ -173,6 +173,7 @@ resume: $(STAMP)
 	@$(KCONFIG) resume
 
 # The pretrained GPT-2 the oneshot-ab matrix starts from (results/gpt2-pretrain-shakespeare/export/hf).
+.PHONY: pretrain
 pretrain: export KPRUNE_RESULTS := results/gpt2-pretrain-shakespeare
 pretrain: $(STAMP)
 	@$(KCONFIG) defconfig gpt2-pretrain-shakespeare
