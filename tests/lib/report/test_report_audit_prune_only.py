@@ -54,3 +54,27 @@ def test_iterations_are_what_the_max_iters_axis_changes(builder):
     [c] = audit_matrix(load_matrix(builder.write())).comparisons
     assert c.axes == ("max_iters",) and c.differences == [] and c.fair
     assert [str(d) for d in c.intended] == ["iterations: 0 vs 200"]
+
+
+def _scoped(builder, method: str, scope: str, seed: int):
+    """A run whose plan axes record its scope, as the matrix plan does for every run."""
+    builder.add(method=method, seed=seed, axes={"sparsity_scope": scope},
+                settings={"sparsity_scope": scope}, summary={"sparsity_structure": {"kind": "unstructured",
+                                                                                   "scope": scope}})
+
+
+def test_the_scope_a_method_means_comes_with_the_method(builder):
+    """bitter4 (and the one-shot methods) mean their own scope: against magnitude at global, one axis, fair."""
+    for seed in SEEDS:
+        _scoped(builder, "magnitude", "global", seed)
+        _scoped(builder, "bitter4", "layer-adaptive", seed)
+    [c] = audit_matrix(load_matrix(builder.write())).comparisons
+    assert c.axes == ("method",) and c.differences == [] and c.fair
+
+
+def test_a_scope_no_method_means_is_still_an_axis_of_its_own(builder):
+    for seed in SEEDS:
+        _scoped(builder, "magnitude", "layer", seed)
+        _scoped(builder, "bitter7", "global", seed)
+    [c] = audit_matrix(load_matrix(builder.write())).comparisons
+    assert c.axes == ("method", "sparsity_scope") and c.confounded and not c.fair
