@@ -49,6 +49,7 @@ help:
 	@echo "  schedule           print the sparsity .config reaches at each mask update; plot it"
 	@echo "  train (default)    run the trainer .config selects; last line: results: <dir>"
 	@echo "  resume             continue an interrupted run from its checkpoint: RESUME=<run dir> (default: the newest)"
+	@echo "  pretrain           train defconfigs/gpt2-pretrain-shakespeare (replaces .config) and export it: the oneshot-ab start"
 	@echo "  test-matrix        run every combination the matrix menu selects (JOBS=N at once; resumes)"
 	@echo "                     (MATRIX_EXECUTOR=slurm: submit one Slurm job array and return)"
 	@echo "  matrix-status      each run of the newest matrix (or RESULTS=dir): state, Slurm task"
@@ -171,6 +172,14 @@ sample export evaluate: $(STAMP)
 # Without RESUME: the newest interrupted run in OUTPUT_DIR.
 resume: $(STAMP)
 	@$(KCONFIG) resume
+
+# The pretrained GPT-2 the oneshot-ab matrix starts from (results/gpt2-pretrain-shakespeare/export/hf).
+.PHONY: pretrain
+pretrain: export KPRUNE_RESULTS := results/gpt2-pretrain-shakespeare
+pretrain: $(STAMP)
+	@$(KCONFIG) defconfig gpt2-pretrain-shakespeare
+	@KPRUNE_SET= $(KCONFIG) train
+	@$(PY) -m scripts.export
 
 demo: export KPRUNE_JOBS := $(or $(JOBS),2)
 demo: export KPRUNE_RESULTS :=

@@ -113,6 +113,11 @@ def read_hf_dir(directory: Path, dropout: float = 0.0) -> GPT:
     return model
 
 
+def names_a_directory(spec: str) -> bool:
+    """GPT2_PRETRAINED names a local directory (an existing one, or a path like ./x or a/b/c), not a hub id."""
+    return Path(spec).expanduser().is_dir() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
 def resolve_pretrained(spec: str) -> Path:
     """GPT2_PRETRAINED -> a local directory: the directory itself, or a hub id's cached download."""
     where = ("put config.json and model.safetensors (the Hugging Face GPT-2 layout, as transformers' "
@@ -122,8 +127,7 @@ def resolve_pretrained(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
-    if looks_like_path:
+    if names_a_directory(spec):
         raise KpruneError(f"GPT2_PRETRAINED={spec!r} is no directory: {where}")
     from huggingface_hub import snapshot_download  # here: only a hub id pays for importing it
 

@@ -30,7 +30,10 @@ def test_defconfig_trains_a_few_steps(path: Path, tmp_path: Path, capsys, data_d
     base = settings_from_kconfig(kconf)
     model = base.model
     extra = BIG_GPT2 if model == "gpt2" and base.gpt2_size != "tiny" else []
-    overrides = QUICK + QUICK_BY_MODEL[model] + extra + [f"OUTPUT_DIR={tmp_path}", f"DATA_DIR={data_dir}"]
+    quick = [o for o in QUICK if base.pruning_method != "none" or not o.startswith("SCHEDULE_")]  # dense: none
+    overrides = quick + QUICK_BY_MODEL[model] + extra + [f"OUTPUT_DIR={tmp_path}", f"DATA_DIR={data_dir}"]
+    if base.gpt2_init == "pretrained":  # its own pretraining run's export: a model of the same shape stands in
+        overrides.append(f"GPT2_PRETRAINED={pretrained_export(tmp_path / 'pretrained', base)}")
     # One SET names a symbol once: a later list's value replaces an earlier one's.
     apply_overrides(kconf, seen, [f"{k}={v}" for k, v in dict(o.split("=", 1) for o in overrides).items()])
     settings = settings_from_kconfig(kconf)
@@ -52,3 +55,13 @@ def test_defconfig_trains_a_few_steps(path: Path, tmp_path: Path, capsys, data_d
             assert summary["final_pruned_count"] == target_count(settings.target_sparsity, summary["prunable_params"])
         else:
             assert last["target_groups"] == target_count(settings.target_sparsity, structure["groups"])
+
+
+def pretrained_export(directory: Path, settings) -> Path:
+    """A GPT-2 of the configuration's size in the Hugging Face layout, where GPT2_PRETRAINED may name it."""
+    from gpt2.hf import write_hf_dir
+    from gpt2.model import GPT, config_for
+
+    directory.mkdir(parents=True)
+    write_hf_dir(GPT(config_for(settings.gpt2_size, settings.block_size, 0.0)), directory)
+    return directory

@@ -5,6 +5,12 @@ model-dependent defaults follow the model) plus one override per axis, loaded
 with the same strict rules as `make train SET=...`. A combination that does
 not validate is dropped with a one-line reason; what remains is the plan:
 one run per combination and seed, each with the exact trainer flags it runs.
+
+With MATRIX_ONESHOT_PRUNE_ONLY, an arm whose method scores without training
+(PRUNE_ONLY_METHODS) runs prune-only: MAX_ITERS=0 and the one-shot schedule
+at step 0 are further overrides of that arm, validated like the others. Every
+run records its MAX_ITERS as the axis `max_iters`, so the report's fairness
+audit calls a prune-only arm against a fine-tuned one confounded.
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ import kconfiglib
 from lib.errors import ConfigError
 from lib.kconfig import (apply_overrides, load_kconfig, read_config, selected_model,
                          settings_from_kconfig, trainer_argv)
-from lib.pruning.registry import IMPLIED_SCOPE, MATRIX_METHODS, SCOPES, STRUCTURES, VARIANT_NAMES
+from lib.matrix.pretrained import check_pretrained
+from lib.pruning.registry import IMPLIED_SCOPE, MATRIX_METHODS, PRUNE_ONLY_METHODS, SCOPES, STRUCTURES, VARIANT_NAMES
 
 AXES = ("model", "optimizer", "method", "target_sparsity", "schedule", "sparsity_structure", "sparsity_scope", "seed")
 # Axes a run may leave to its configuration when nothing is selected (bitter4 means its own scope): the
 # value recorded is the one the run really uses.
 FOLLOWS_CONFIG = ("sparsity_structure", "sparsity_scope")
+# Recorded for every run, not swept: the steps it trains (0: prune-only).
+ITERATIONS_AXIS = "max_iters"
+# What a prune-only arm runs besides its axes (SCHEDULE=one-shot is its schedule axis): no step, pruned at step 0.
+PRUNE_ONLY_OVERRIDES = ("MAX_ITERS=0", "SCHEDULE_START=0")
 
 # Each bool of the matrix menu selects one value of one axis.
 SELECTORS: dict[str, tuple[str, object]] = {
@@ -45,7 +56,7 @@ SELECTORS: dict[str, tuple[str, object]] = {
     **{f"MATRIX_SCOPE_{v.upper().replace('-', '_')}": ("sparsity_scope", v) for v in SCOPES},
 }
 # The other matrix symbols, read by `build_plan` directly.
-SETTINGS = ("MATRIX_NAME", "MATRIX_SEEDS", "MATRIX_BASELINE", "MATRIX_SPARSITY_LIST")
+SETTINGS = ("MATRIX_NAME", "MATRIX_SEEDS", "MATRIX_BASELINE", "MATRIX_SPARSITY_LIST", "MATRIX_ONESHOT_PRUNE_ONLY")
 
 
 @dataclass
@@ -112,6 +123,10 @@ def _axis_values(kconf: kconfiglib.Kconfig) -> dict[str, list]:
     return chosen
 
 
+def _prune_only(combo: dict) -> bool:
+    return combo.get(ITERATIONS_AXIS) == 0 and combo["method"] != "none"
+
+
 def _overrides(combo: dict) -> list[str]:
     out = [f"MODEL={combo['model']}", f"OPTIMIZER={combo['optimizer']}"]
     method = combo["method"]
@@ -122,6 +137,8 @@ def _overrides(combo: dict) -> list[str]:
     if method != "none":
         out += [f"TARGET_SPARSITY={combo['target_sparsity']!r}", f"SCHEDULE={combo['schedule']}"]
         out += [f"{axis.upper()}={combo[axis]}" for axis in FOLLOWS_CONFIG if combo[axis] is not None]
+    if _prune_only(combo):
+        out += PRUNE_ONLY_OVERRIDES
     out.append(f"SEED={combo['seed']}")
     return out
 
@@ -135,6 +152,8 @@ def arm_id(combo: dict) -> str:
             parts.append(combo["sparsity_structure"])
         if combo.get("sparsity_scope") not in (None, IMPLIED_SCOPE.get(combo["method"], "global")):
             parts.append(combo["sparsity_scope"])
+        if _prune_only(combo):
+            parts.append("prune-only")
     return "-".join(parts)
 
 
@@ -155,14 +174,16 @@ def _reason(combo: dict, exc: ConfigError) -> str:
     if combo["method"] in VARIANT_NAMES and combo["optimizer"] != "adamwprune":
         return f"state pruning ({combo['method']}) reads AdamWPrune's moments: needs OPTIMIZER=adamwprune"
     first = str(exc).splitlines()[0]
-    return first.split(": ", 1)[1] if first.startswith("SET") and ": " in first else first
+    reason = first.split(": ", 1)[1] if first.startswith("SET") and ": " in first else first
+    return f"prune-only ({' '.join(PRUNE_ONLY_OVERRIDES)}): {reason}" if _prune_only(combo) else reason
 
 
 def build_plan(kconf: kconfiglib.Kconfig, runs_dir: Path) -> Plan:
     """Expand the matrix `kconf` describes; runs write into `runs_dir/<run id>`."""
     axes = _axis_values(kconf)
     base_config = _minimal(kconf)
-    runs, dropped, seen_arms = [], [], set()
+    prune_only = kconf.syms["MATRIX_ONESHOT_PRUNE_ONLY"].tri_value == 2
+    runs, dropped, seen_arms, pretrained = [], [], set(), set()
     run_kconf = load_kconfig()  # reused: loading a config replaces every value
     fd, base_path = tempfile.mkstemp(suffix=".defconfig")
     os.close(fd)
@@ -172,7 +193,9 @@ def build_plan(kconf: kconfiglib.Kconfig, runs_dir: Path) -> Plan:
             combo = dict(zip(AXES, values))
             if combo["method"] == "none":  # dense runs have no sparsity, schedule or structure: one arm, not many
                 combo.update(target_sparsity=0.0, schedule="none", sparsity_structure="none", sparsity_scope="none")
-            elif any(combo[axis] is None for axis in FOLLOWS_CONFIG):
+            elif prune_only and combo["method"] in PRUNE_ONLY_METHODS:
+                combo.update(schedule="one-shot", **{ITERATIONS_AXIS: 0})
+            if combo["method"] != "none" and any(combo[axis] is None for axis in FOLLOWS_CONFIG):
                 _fill_from_config(combo, Path(base_path), run_kconf)
             arm = arm_id(combo)
             run_id = f"{arm}-seed{combo['seed']}"
@@ -184,14 +207,22 @@ def build_plan(kconf: kconfiglib.Kconfig, runs_dir: Path) -> Plan:
                 apply_overrides(run_kconf, seen, _overrides(combo) +
                                 [f"OUTPUT_DIR={runs_dir}", f"RUN_NAME={run_id}"])
             except ConfigError as exc:
+                combo.setdefault(ITERATIONS_AXIS, int(run_kconf.syms["MAX_ITERS"].str_value))
                 if combo["seed"] == axes["seed"][0]:  # one line per combination, not per seed
                     dropped.append({"axes": {k: v for k, v in combo.items() if k != "seed"},
                                     "reason": _reason(combo, exc)})
                 continue
+            settings = settings_from_kconfig(run_kconf)
+            combo.setdefault(ITERATIONS_AXIS, settings.max_iters)  # as the run has it (a model's own default)
+            if settings.gpt2_init == "pretrained":
+                pretrained.add(settings.gpt2_pretrained)
             runs.append(Run(id=run_id, arm=arm, seed=combo["seed"], model=selected_model(run_kconf),
                             axes=combo, argv=trainer_argv(run_kconf)))
     finally:
         os.unlink(base_path)
+    for spec in sorted(pretrained):  # one error before anything runs, not the same one in every run
+        check_pretrained(spec)
+    axes[ITERATIONS_AXIS] = sorted({r.axes[ITERATIONS_AXIS] for r in runs})
     baseline_method = kconf.syms["MATRIX_BASELINE"].str_value
     baseline = next((r.arm for r in runs if r.axes["method"] == baseline_method), None)
     plan = Plan(name=kconf.syms["MATRIX_NAME"].str_value or "matrix", axes=axes, baseline=baseline, runs=runs,
@@ -226,13 +257,14 @@ def plan_hash(plan: Plan) -> str:
 def plan_table(plan: Plan) -> str:
     """A readable table of the plan, for plan.md and the terminal."""
     lines = [f"# Test matrix `{plan.name}` ({len(plan.runs)} runs, {len(plan.dropped)} combinations dropped)", "",
-             "| run | model | optimizer | method | sparsity | schedule | structure | scope | seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| run | model | optimizer | method | sparsity | schedule | structure | scope | iterations | seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in plan.runs:
         a = r.axes
+        iterations = a.get(ITERATIONS_AXIS, "—")
         lines.append(f"| {r.id} | {a['model']} | {a['optimizer']} | {a['method']} | {a['target_sparsity']:g} | "
                      f"{a['schedule']} | {a.get('sparsity_structure', '—')} | {a.get('sparsity_scope', '—')} | "
-                     f"{a['seed']} |")
+                     f"{'0 (prune-only)' if _prune_only(a) else iterations} | {a['seed']} |")
     if plan.dropped:
         lines += ["", "## Dropped combinations", ""]
         for d in plan.dropped:

@@ -63,6 +63,8 @@ AXIS_KEYS = {
                            "sparsity_structure.m", "sparsity_structure.rows", "sparsity_structure.cols",
                            "sparsity_structure.units.", "sparsity_structure.attached"),
     "sparsity_scope": ("settings.sparsity_scope", "sparsity_structure.scope"),
+    # The matrix records every run's MAX_ITERS (0: prune-only, lib/matrix/plan.py): the steps it trained.
+    "max_iters": ("settings.max_iters", "iterations"),
 }
 # A method may imply its selection scope (bitter4: layer-adaptive, lib/pruning/registry.py): on the method axis
 # the scope follows such a method; between two methods that imply none it must agree.
@@ -251,7 +253,13 @@ def compare_arms(a: Arm, b: Arm, axes: tuple[str, ...], reason: str) -> Comparis
 
 
 def differing_axes(matrix: Matrix, a: Arm, b: Arm) -> tuple[str, ...]:
-    return tuple(x for x in matrix.axis_names if a.axes.get(x) != b.axes.get(x))
+    axes = tuple(x for x in matrix.axis_names if a.axes.get(x) != b.axes.get(x))
+    # The plan records each run's scope; where each arm has the one its method means (bitter4: layer-adaptive,
+    # others: global), the scope came with the method and is no axis of its own.
+    if "method" in axes and all(arm.axes.get("sparsity_scope") == IMPLIED_SCOPE.get(arm.method, "global")
+                                for arm in (a, b)):
+        axes = tuple(x for x in axes if x != "sparsity_scope")
+    return axes
 
 
 def compared_pairs(matrix: Matrix) -> list[tuple[Arm, Arm, str]]:
