@@ -1,9 +1,7 @@
 """MATRIX_ONESHOT_PRUNE_ONLY: methods that score without training run prune-only; the others train as configured.
 
-A prune-only run has MAX_ITERS=0, which the one-shot methods' change to the
-Kconfig range allows; until then `max_iters_may_be_zero` stands in for it,
-so the overrides are checked through the same strict validation every
-combination passes.
+A prune-only run has MAX_ITERS=0: the overrides are checked through the same
+strict validation every combination passes.
 """
 
 from __future__ import annotations
@@ -24,31 +22,13 @@ from lib.settings import settings_from_namespace
 RUNS = Path("results/matrix-x/runs")
 MAG = "gpt2-adamwprune-magnitude-sp0.5-one-shot-prune-only-seed1337"
 MAG_NM = "gpt2-adamwprune-magnitude-sp0.5-one-shot-nm-prune-only-seed1337"
+WANDA = "gpt2-adamwprune-wanda-sp0.5-one-shot-prune-only-seed1337"
+WANDA_NM = "gpt2-adamwprune-wanda-sp0.5-one-shot-nm-prune-only-seed1337"
+SGPT = "gpt2-adamwprune-sparsegpt-sp0.5-one-shot-prune-only-seed1337"
+SGPT_NM = "gpt2-adamwprune-sparsegpt-sp0.5-one-shot-nm-prune-only-seed1337"
+PRUNE_ONLY = (MAG, MAG_NM, WANDA, WANDA_NM, SGPT, SGPT_NM)
 BIT = "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-seed1337"
 BIT_NM = "gpt2-adamwprune-bitter7-sp0.5-cubic-ramp-nm-seed1337"
-
-
-@pytest.fixture
-def max_iters_may_be_zero(monkeypatch):
-    """Stands in for the one-shot methods' change to the rules: MAX_ITERS may be 0 (its Kconfig range starts at
-    0), and a one-shot schedule at step 0 then prunes before the first step (today it prunes at step 1 at the
-    earliest, which validation finds after the last step of a 0-step run)."""
-    load, validate = lib.kconfig.load_kconfig, lib.kconfig.validate
-
-    def loosened(*args, **kwargs):
-        kconf = load(*args, **kwargs)
-        sym = kconf.syms["MAX_ITERS"]  # a range bound is a symbol named by its number ("0": SLURM_SIGNAL_SECONDS')
-        sym.ranges = [(kconf.syms["0"], high, cond) for _, high, cond in sym.ranges]
-        return kconf
-
-    def prune_at_step_0(settings):
-        at_0 = settings.max_iters == 0 and settings.schedule == "one-shot" and settings.schedule_start == 0
-        return [(symbol, problem) for symbol, problem in validate(settings)
-                if not (at_0 and symbol == "SCHEDULE_START" and "after the last step" in problem)]
-
-    monkeypatch.setattr(lib.kconfig, "load_kconfig", loosened)
-    monkeypatch.setattr(lib.matrix.plan, "load_kconfig", loosened)
-    monkeypatch.setattr(lib.kconfig, "validate", prune_at_step_0)
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +53,12 @@ def _settings(run):
     return settings_from_namespace(build_parser(run.model, prog="x", description="").parse_args(run.argv))
 
 
-def test_prune_only_arms_train_no_step_and_prune_at_step_0(export, max_iters_may_be_zero):
+def test_prune_only_arms_train_no_step_and_prune_at_step_0(export):
     plan = _plan(export)
-    assert [r.id for r in plan.runs] == [MAG, MAG_NM, BIT, BIT_NM] and plan.dropped == []
+    assert [r.id for r in plan.runs] == [*PRUNE_ONLY, BIT, BIT_NM] and plan.dropped == []
     assert plan.baseline == MAG.removesuffix("-seed1337")
     runs = {r.id: r for r in plan.runs}
-    for run_id in (MAG, MAG_NM):
+    for run_id in PRUNE_ONLY:
         s = _settings(runs[run_id])
         assert (s.max_iters, s.schedule, s.schedule_start) == (0, "one-shot", 0)
         assert "--schedule-end" not in runs[run_id].argv  # one-shot has no end
@@ -98,14 +78,14 @@ def test_prune_only_arms_train_no_step_and_prune_at_step_0(export, max_iters_may
 
 
 def test_without_the_option_every_arm_trains_as_configured(export):
-    plan = _plan(export, "MATRIX_ONESHOT_PRUNE_ONLY=n")
+    plan = _plan(export, "MATRIX_ONESHOT_PRUNE_ONLY=n", "MATRIX_METHOD_WANDA=n", "MATRIX_METHOD_SPARSEGPT=n")
     assert [r.id for r in plan.runs] == ["gpt2-adamwprune-magnitude-sp0.5-cubic-ramp-seed1337",
                                          "gpt2-adamwprune-magnitude-sp0.5-cubic-ramp-nm-seed1337", BIT, BIT_NM]
     assert {r.axes["max_iters"] for r in plan.runs} == {300}
     assert {_settings(r).max_iters for r in plan.runs} == {300}
 
 
-def test_exactly_the_methods_that_need_no_training_run_prune_only(export, max_iters_may_be_zero):
+def test_exactly_the_methods_that_need_no_training_run_prune_only(export):
     """Every method the matrix offers: prune-only where the registry says so, and only there (dense: never)."""
     methods = [f"{symbol}=y" for symbol, (axis, _) in SELECTORS.items() if axis == "method"]
     plan = _plan(export, *methods, "MATRIX_STRUCTURE_NM=n")
@@ -120,7 +100,7 @@ def test_exactly_the_methods_that_need_no_training_run_prune_only(export, max_it
         assert (_settings(run).max_iters == 0) == (run.axes["method"] in PRUNE_ONLY_METHODS)
 
 
-def test_a_prune_only_arm_the_rules_refuse_is_dropped_with_the_reason(export, max_iters_may_be_zero):
+def test_a_prune_only_arm_the_rules_refuse_is_dropped_with_the_reason(export):
     plan = _plan(export, "MATRIX_SPARSITY_LIST=0.8")  # 2:4 cannot reach 80%
     dropped = [d for d in plan.dropped if d["axes"]["method"] == "magnitude"]
     assert [(d["axes"]["sparsity_structure"], d["axes"]["target_sparsity"]) for d in dropped] == [("nm", 0.8)]
