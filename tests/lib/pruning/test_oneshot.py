@@ -63,6 +63,34 @@ def test_wanda_prunes_per_row_by_score_not_by_magnitude():
     assert pruner.method.inputs is None  # the statistics are freed after the update
 
 
+@pytest.mark.parametrize("method, same", [("wanda", True), ("magnitude", False)])
+def test_a_rescaling_that_keeps_the_function_leaves_wandas_choice_and_fools_magnitude(method, same):
+    """scripts/rescale_inputs.py's transformation on LayerNorm -> Linear: outputs equal, inputs spread like
+    outlier features. Wanda's |W|*||X|| is unchanged by it (the same weights pruned); magnitude's choice moves."""
+    from scripts.rescale_inputs import rescale_
+
+    def model():
+        torch.manual_seed(0)
+        norm, layer = nn.LayerNorm(32), nn.Linear(32, 16)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+        return nn.Sequential(norm, layer)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    plain, scaled = model(), model()
+    block = type("Block", (), {"ln_1": scaled[0], "attn": type("A", (), {"c_attn": scaled[1]})(),
+                               "ln_2": nn.LayerNorm(1), "mlp": type("M", (), {"c_fc": nn.Linear(1, 1)})()})()
+    rescale_(type("GPT", (), {"blocks": [block]})(), sigma=1.0, seed=0)
+    assert torch.allclose(plain(x), scaled(x), atol=1e-5)  # the same function
+    masks = []
+    for m in (plain, scaled):
+        pruner = _pruner(m[1], [m[0](x).detach()], method, scope="row")
+        pruner.update(0)
+        masks.append(pruner.masks.pruned_mask(0))
+    assert masks[0].sum() == masks[1].sum() == 16 * 16
+    assert torch.equal(masks[0], masks[1]) is same
+
+
 def test_convolution_inputs_are_read_in_the_weight_column_order():
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, kernel_size=(2, 3), stride=2, padding=1, bias=False)
