@@ -54,7 +54,7 @@ def final_summary(task, optimizer, pruner: Pruner | None, progress) -> dict:
     timed_s = progress.train_time_s - progress.compile_step_s
     out: dict = {"iterations": progress.step, "wall_time_s": progress.train_time_s,
                  "final_train_loss": progress.last_loss,
-                 "throughput": progress.items_per_step * timed_steps / timed_s if timed_steps and timed_s > 0 else 0.0,
+                 "throughput": progress.items_per_step * timed_steps / timed_s if timed_steps and timed_s > 0 else None,
                  "throughput_unit": f"{task.item_unit}/s"}
     out.update(progress.last_eval)
     out["quality_metric"] = task.quality_key
