@@ -5,7 +5,8 @@ a byte): the exact record the pruned counts and "pruned stays pruned" rest
 on, at 1/32 of the weights' own memory.
 
 Between mask updates the only per-step work is zeroing the gradients of
-pruned weights, and that alone keeps them at exactly zero: with zero
+pruned weights (done here, or inside kprune's Adam step: lib/fused_adam.py),
+and that alone keeps them at exactly zero: with zero
 gradient and zero moments Adam's update is 0 / (0 + eps) = 0, decoupled
 weight decay scales 0 to 0, L2 decay adds wd * 0 = 0 to the gradient,
 AMSGrad's maximum stays 0, momentum buffers stay 0. Since a pruned weight is
@@ -182,6 +183,11 @@ class MaskSet:
                 scratch = torch.empty(chunk_size(g.device), dtype=torch.bool, device=g.device)
             for start, n in chunks(w.numel(), scratch.numel()):
                 g[start:start + n].mul_(torch.ne(w[start:start + n], 0, out=scratch[:n]))
+        self.zero_attached_grads()
+
+    @torch.no_grad()
+    def zero_attached_grads(self) -> None:
+        """grad = 0 where an attached parameter's entry belongs to a pruned group (by its kept mask)."""
         for p, kept in self.attached:
             if p.grad is not None:
                 p.grad.mul_(kept)

@@ -2,7 +2,8 @@
 
 The training loop calls `observe()` after each backward pass (methods that
 watch training record what they need), `after_backward()` (zero the gradients
-of pruned weights) and `after_step(step)` after each optimizer step (update
+of pruned weights; with `fuse_masking`, kprune's Adam/AdamW does it inside
+its step instead) and `after_step(step)` after each optimizer step (update
 the masks when the schedule says so; the scores of an update are written into
 the spent gradients, which are set to None, so it needs no score-sized
 buffer). Only the method's score differs between methods, so at every
@@ -56,7 +57,7 @@ class MaskUpdate:
 class Pruner:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], schedule: Schedule, method: Method | ScoreFn,
                  optimizer: torch.optim.Optimizer, beta1: float | None = 0.9, layer_adaptive: bool = False,
-                 structure: Structure | None = None, scope: str | None = None):
+                 structure: Structure | None = None, scope: str | None = None, fuse_masking: bool = False):
         self.structure = structure or Structure()
         self.scope = check_scope("layer-adaptive" if layer_adaptive else scope, self.structure)
         pool, self.excluded = self.structure.split(named_params)
@@ -75,6 +76,11 @@ class Pruner:
         self._check_reachable()
         self.updates: list[MaskUpdate] = []
         self.peak_score_bytes = 0
+        # With nothing between after_backward() and the step that reads the gradients (no clipping),
+        # an optimizer that masks inside its own step (kprune's Adam/AdamW) zeroes the pruned weights'
+        # gradients there instead of in a pass of their own.
+        self.fused_masking = fuse_masking and hasattr(optimizer, "masked_params")
+        self._pool_ids = frozenset(id(p) for p in self.masks.params)
 
     @property
     def layer_adaptive(self) -> bool:
@@ -148,12 +154,19 @@ class Pruner:
         """Forget every pruned weight and group (the weights stay as they are): for benchmarks and tests."""
         self.masks.clear()
         self.structure.clear()
+        if self.fused_masking:
+            self.optimizer.masked_params = frozenset()
 
     def observe(self, obs: Observation) -> None:
         self.method.observe(obs)
 
     def after_backward(self) -> None:
-        if self.masks.pruned_count:
+        if not self.masks.pruned_count:
+            return
+        if self.fused_masking:  # the step takes the gradient of an exactly-zero pooled weight as 0
+            self.optimizer.masked_params = self._pool_ids
+            self.masks.zero_attached_grads()
+        else:
             self.masks.zero_pruned_grads()
 
     def after_step(self, step: int) -> MaskUpdate | None:
