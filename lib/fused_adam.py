@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import platform
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,8 +108,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def _f32(x: float) -> float:
-    """x rounded to float32, as the C kernel receives it."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    """x rounded to float32, as the C kernel receives it (struct: no tensor per scalar on the step's path)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _scalars(group: dict, decoupled: bool) -> dict:
