@@ -23,21 +23,16 @@ CUDA it runs compiled by torch.compile into one fused kernel per parameter.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
 import struct
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lib import native
+
 SOURCE = Path(__file__).with_name("adam_step.c")
-# No fast-math and no FMA contraction: every operation rounds as reference_update's does.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 
 
 class _Tensor(ctypes.Structure):
@@ -55,52 +50,17 @@ _LIBRARY: ctypes.CDLL | None = None
 _UNAVAILABLE: str | None = None  # why the C kernel could not be built (warned once)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kprune"
-
-
-def _machine_key(cc: str) -> str:
-    """What the built library depends on: source, flags, compiler, and this CPU (-march=native)."""
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join([cc, *CFLAGS, platform.machine()]).encode())
-    h.update(subprocess.run([cc, "--version"], capture_output=True, check=True).stdout)
-    try:
-        with open("/proc/cpuinfo") as f:  # a cache shared by unlike nodes (a cluster's home) keeps one per CPU kind
-            h.update(next((line for line in f if line.startswith("flags")), "").encode())
-    except OSError:
-        pass
-    return h.hexdigest()[:16]
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or "cc"
-    target = cache_dir() / f"adam_step-{_machine_key(cc)}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed: processes starting together never load half a file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, check=True, text=True)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    lib.kprune_adam_step.argtypes = [ctypes.POINTER(_Tensor), ctypes.c_int, ctypes.POINTER(_Scalars), ctypes.c_int]
-    lib.kprune_adam_step.restype = ctypes.c_int
-    return lib
-
-
 def library() -> ctypes.CDLL | None:
     """The compiled CPU kernel, or None (with one warning) where it cannot be built."""
     global _LIBRARY, _UNAVAILABLE
     if _LIBRARY is None and _UNAVAILABLE is None:
         try:
-            _LIBRARY = _build()
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", None) or str(exc)
-            _UNAVAILABLE = detail.strip().splitlines()[-1] if detail.strip() else type(exc).__name__
+            _LIBRARY = native.build(SOURCE)
+            _LIBRARY.kprune_adam_step.argtypes = [ctypes.POINTER(_Tensor), ctypes.c_int, ctypes.POINTER(_Scalars),
+                                                  ctypes.c_int]
+            _LIBRARY.kprune_adam_step.restype = ctypes.c_int
+        except native.BuildError as exc:
+            _UNAVAILABLE = str(exc)
             print(f"warning: kprune's C Adam kernel could not be built ({_UNAVAILABLE}); Adam/AdamW run the same "
                   "arithmetic as separate torch operations (slower). Install a C compiler (e.g. apt-get install "
                   "gcc) or set CC.", file=sys.stderr)
