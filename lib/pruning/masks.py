@@ -192,15 +192,23 @@ class MaskSet:
             if p.grad is not None:
                 p.grad.mul_(kept)
 
+    @staticmethod
+    def zero_targets(p: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+        """What pruning p zeroes: the weight and every optimizer state of its shape."""
+        targets = [p.detach()]
+        if optimizer is not None:
+            targets += [v for k, v in optimizer.state.get(p, {}).items()
+                        if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
+        return targets
+
     @torch.no_grad()
-    def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Zero every pruned weight and its entries in every optimizer state of its shape."""
+    def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None,
+                                       done: frozenset[int] = frozenset()) -> None:
+        """Zero every pruned weight and its entries in every optimizer state of its shape
+        (except parameters `done`: the selection's own pass has zeroed them)."""
         for i, p in enumerate(self.params):
-            targets = [p.detach()]
-            if optimizer is not None:
-                targets += [v for k, v in optimizer.state.get(p, {}).items()
-                            if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
-            if not self.any_pruned(i):
+            targets = self.zero_targets(p, optimizer)
+            if i in done or not self.any_pruned(i):
                 continue
             flats = [t.view(-1) for t in targets]
             for start, n in chunks(p.numel(), chunk_size(p.device)):
@@ -208,9 +216,5 @@ class MaskSet:
                 for t in flats:
                     t[start:start + n].mul_(kept)
         for p, kept in self.attached:
-            targets = [p.detach()]
-            if optimizer is not None:
-                targets += [v for k, v in optimizer.state.get(p, {}).items()
-                            if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
-            for t in targets:
+            for t in self.zero_targets(p, optimizer):
                 t.mul_(kept)

@@ -26,7 +26,7 @@ from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn
-from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
+from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold, store_selection
 # target_count and layer_adaptive_counts are imported from here by their users
 from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
                                select_groups, target_count)
@@ -205,6 +205,7 @@ class Pruner:
     def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks, structure = self.masks, self.structure
         keys, borrowed, allocated = [], [], 0
+        self._zeroed: set[int] = set()  # parameters whose pruned weights and states _store already zeroed
         weight_level = structure.weight_level
         if not weight_level:
             structure.begin()
@@ -247,7 +248,7 @@ class Pruner:
         del keys, out
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
-        masks.zero_pruned_weights_and_states(self.optimizer)
+        masks.zero_pruned_weights_and_states(self.optimizer, done=frozenset(self._zeroed))
 
     def _store_rows(self, key: torch.Tensor, i: int, per_row: int) -> None:
         """Pack the `per_row` lowest keys of every output row of parameter i into its bits."""
@@ -266,6 +267,12 @@ class Pruner:
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
         thr = kth_threshold(keys, k) if k else None
+        indices = range(first, first + len(keys))
+        if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
+                                               [self.masks.zero_targets(self.masks.params[i], self.optimizer)
+                                                for i in indices]):
+            self._zeroed.update(indices)  # bits and zeroing in one pass (CPU, no tie to break)
+            return
         for j in range(len(keys)):
             self.masks.bits[first + j].zero_()
         if thr is not None:

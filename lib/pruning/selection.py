@@ -6,7 +6,7 @@ turned in place into int32 keys whose integer order is the float order; a
 two-level radix histogram (top 16 bits, then low 16 bits within the one bin
 that holds the k-th key) finds the exact k-th key. The k lowest are every key
 below that threshold plus `ties` of the keys equal to it. On the CPU each
-histogram is one C pass over the keys (lib/pruning/histogram.c, built by
+histogram is one C pass over the keys (lib/pruning/select.c, built by
 lib/native.py); elsewhere, or without a C compiler, torch counts the same bins.
 
 Which of the tied keys are taken must not depend on where they sit: SPT's
@@ -86,17 +86,40 @@ _NATIVE_FAILED = False
 
 
 def _native() -> ctypes.CDLL | None:
-    """lib/pruning/histogram.c, built once per machine (lib/native.py); None without a C compiler, and then
+    """lib/pruning/select.c, built once per machine (lib/native.py); None without a C compiler, and then
     the torch passes below count the same bins (kprune's Adam kernel has already warned about the compiler)."""
     global _NATIVE, _NATIVE_FAILED
     if _NATIVE is None and not _NATIVE_FAILED:
         try:
-            _NATIVE = native.build(Path(__file__).with_name("histogram.c"))
+            _NATIVE = native.build(Path(__file__).with_name("select.c"))
             _NATIVE.kprune_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int32,
                                                  ctypes.c_void_p, ctypes.c_int]
+            _NATIVE.kprune_select_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         except native.BuildError:
             _NATIVE_FAILED = True
     return _NATIVE
+
+
+def store_selection(keys: list[torch.Tensor], thr: Threshold, bits: list[torch.Tensor],
+                    targets: list[list[torch.Tensor]]) -> bool:
+    """In one C pass per tensor: bits[j] = which keys[j] are selected (packed, as MaskSet keeps them), and
+    every tensor of targets[j] zeroed where they are. Only when no tie is to be broken (every key equal
+    to the threshold is selected: the usual case) and everything is on the CPU; otherwise False, and
+    nothing was written."""
+    lib = _native()
+    if lib is None or thr.ties != thr.equal or not all(_native_ready(k) for k in keys):
+        return False
+    if not all(b.device.type == "cpu" and b.dtype == torch.uint8 and b.is_contiguous() for b in bits):
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for group in targets for t in group):
+        return False
+    threads = torch.get_num_threads()
+    for key, b, group in zip(keys, bits, targets):
+        pointers = (ctypes.c_void_p * len(group))(*[t.data_ptr() for t in group])
+        lib.kprune_select_store(key.data_ptr(), key.numel(), thr.key, b.data_ptr(), pointers, len(group), threads)
+    return True
 
 
 def _native_ready(t: torch.Tensor) -> bool:

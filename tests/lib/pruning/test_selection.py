@@ -189,7 +189,7 @@ def test_kth_threshold_is_the_kth_key_with_ties():
 def test_large_selection_matches_brute_force_on_the_histogram_path(native, monkeypatch):
     # More than _SMALL keys (histograms, not a sort), one tensor longer than a chunk, negative
     # scores, values that share their top 16 bits, and heavy exact ties at every threshold tried.
-    # Both ways of counting: lib/pruning/histogram.c (the CPU's) and torch's (other devices, no compiler).
+    # Both ways of counting: lib/pruning/select.c (the CPU's) and torch's (other devices, no compiler).
     if native:
         assert selection._native() is not None, "the C histogram must build here (CI has a C compiler)"
         calls = []
