@@ -33,6 +33,8 @@ from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_s
 from lib.pruning.structure import Structure
 
 
+SCORE_CHUNK = 1 << 18  # elements per piece of an element-wise score on CPUs: w, v and out pieces fit in L2/L3
+
 
 @dataclass
 class MaskUpdate:
@@ -216,7 +218,7 @@ class Pruner:
                 allocated += out.numel() * out.element_size()
             else:
                 borrowed.append(p)
-            self.method.score(i, p.detach().float(), self.optimizer.state.get(p, {}), out, ctx)
+            self._score(i, p, out, ctx)
             if not weight_level:  # the structure folds the weights' scores into its groups' scores
                 structure.add_scores(i, out)
                 continue
@@ -249,6 +251,23 @@ class Pruner:
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
         masks.zero_pruned_weights_and_states(self.optimizer, done=frozenset(self._zeroed))
+
+    def _score(self, i: int, p: nn.Parameter, out: torch.Tensor, ctx: ScoreContext) -> None:
+        """Parameter i's scores into `out`. An element-wise score (magnitude, the state variants) runs on
+        cache-sized pieces on CPUs, so the several operations of a score read the weight and its states
+        from memory once and write each score once, and their temporaries are piece-sized."""
+        w, state = p.detach().float(), self.optimizer.state.get(p, {})
+        tensors = [w, out, *(v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape)]
+        size = SCORE_CHUNK if p.device.type == "cpu" else chunk_size(p.device)
+        if not isinstance(self.method, FunctionMethod) or p.numel() <= size or not all(
+                t.is_contiguous() for t in tensors):
+            self.method.score(i, w, state, out, ctx)
+            return
+        flat_w, flat_out = w.view(-1), out.view(-1)
+        for start, n in chunks(p.numel(), size):
+            piece = {k: v.view(-1)[start:start + n] if torch.is_tensor(v) and v.shape == p.shape else v
+                     for k, v in state.items()}
+            self.method.score(i, flat_w[start:start + n], piece, flat_out[start:start + n], ctx)
 
     def _store_rows(self, key: torch.Tensor, i: int, per_row: int) -> None:
         """Pack the `per_row` lowest keys of every output row of parameter i into its bits."""

@@ -11,7 +11,8 @@
  * compare, gather, bincount with its own min/max passes) did in several.
  *
  * `threads` POSIX threads each count a contiguous range into their own 65,536 bins,
- * which are then added into `hist` (int64, 65,536 bins, not cleared here).
+ * which are then added into `hist` (int64, 65,536 bins, not cleared here). Returns -1,
+ * counting nothing, if the counters cannot be allocated.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -27,40 +28,58 @@ typedef struct {
     int low_pass;
     int32_t high;
     int64_t *hist;
+    uint32_t *sub;                  /* COPIES x BINS counts of this thread's own */
 } hist_work;
+
+/* Pruned weights all carry one key and often half the weights are pruned: counting them into one
+ * counter makes every increment wait for the one before. COPIES counters per bin, used in turn,
+ * let COPIES increments of a hot bin run at once; they are added up at the end. */
+#define COPIES 4
 
 static void *count(void *arg)
 {
     hist_work *w = arg;
     const int32_t *restrict k = w->keys;
-    int64_t *restrict h = w->hist;
+    uint32_t *restrict s = w->sub;
+    int64_t i = w->begin;
     if (!w->low_pass) {
-        for (int64_t i = w->begin; i < w->end; i++)
-            h[(k[i] >> 16) + 32768]++;
+        for (; i + COPIES <= w->end; i += COPIES)
+            for (int c = 0; c < COPIES; c++)
+                s[c * BINS + (k[i + c] >> 16) + 32768]++;
+        for (; i < w->end; i++)
+            s[(k[i] >> 16) + 32768]++;
     } else {
         const int32_t high = w->high;
-        for (int64_t i = w->begin; i < w->end; i++)
-            if ((k[i] >> 16) == high)
-                h[k[i] & 0xFFFF]++;
+        /* Branch-free: a key outside the bin adds 0 (which keys are inside is unpredictable). */
+        for (; i + COPIES <= w->end; i += COPIES)
+            for (int c = 0; c < COPIES; c++)
+                s[c * BINS + (k[i + c] & 0xFFFF)] += (k[i + c] >> 16) == high;
+        for (; i < w->end; i++)
+            s[k[i] & 0xFFFF] += (k[i] >> 16) == high;
     }
     return NULL;
 }
 
 int kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, int64_t *hist, int threads)
 {
+    /* A thread's uint32 counters hold at most its range / COPIES (+1) keys: ranges are capped below. */
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
     if (threads < 1 || n < (int64_t)1 << 18)  /* a thread's own bins cost more than it saves below this */
         threads = 1;
+    const int64_t cap = (int64_t)1 << 32;  /* keys per range: COPIES x 2**30, far within uint32 */
+    int64_t ranges = (n + cap - 1) / cap;
+    if (ranges > threads)
+        threads = ranges < MAX_THREADS ? (int)ranges : MAX_THREADS;
     hist_work work[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
-    int64_t *own = threads > 1 ? calloc((size_t)(threads - 1) * BINS, sizeof(int64_t)) : NULL;
-    if (threads > 1 && own == NULL)
-        threads = 1;
+    uint32_t *sub = calloc((size_t)threads * COPIES * BINS, sizeof(uint32_t));
+    if (sub == NULL)
+        return -1;
     int64_t per = (n + threads - 1) / threads;
     for (int i = 0; i < threads; i++) {
         int64_t begin = per * i < n ? per * i : n, end = per * (i + 1) < n ? per * (i + 1) : n;
-        work[i] = (hist_work){keys, begin, end, low_pass, high, i == 0 ? hist : own + (int64_t)(i - 1) * BINS};
+        work[i] = (hist_work){keys, begin, end, low_pass, high, hist, sub + (int64_t)i * COPIES * BINS};
     }
     int started = 1;
     for (; started < threads; started++)
@@ -71,10 +90,10 @@ int kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high,
         count(&work[i]);
     for (int i = 1; i < started; i++)
         pthread_join(ids[i], NULL);
-    for (int i = 1; i < threads; i++)
+    for (int64_t j = 0; j < (int64_t)threads * COPIES; j++)
         for (int b = 0; b < BINS; b++)
-            hist[b] += own[(int64_t)(i - 1) * BINS + b];
-    free(own);
+            hist[b] += sub[j * BINS + b];
+    free(sub);
     return 0;
 }
 

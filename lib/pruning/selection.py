@@ -75,8 +75,9 @@ def kth_threshold(keys: list[torch.Tensor], k: int) -> Threshold:
 
     def histogram(hist: torch.Tensor, high: int | None) -> None:
         for t in keys:  # one C pass per tensor, reading each key once
-            lib.kprune_histogram(t.data_ptr(), t.numel(), int(high is not None), high or 0, hist.data_ptr(),
-                                 threads)
+            if lib.kprune_histogram(t.data_ptr(), t.numel(), int(high is not None), high or 0, hist.data_ptr(),
+                                    threads):
+                raise MemoryError("no memory for the selection's histogram counters")
 
     return _radix(histogram, k)
 
