@@ -10,8 +10,7 @@ weight is) takes its gradient as 0 in the same pass that updates it
 so a pruned arm and its dense baseline share the update arithmetic.
 
 On CPU the kernel is plain C, compiled once per machine with the system's C
-compiler (`CC`, default `cc`) into kprune's cache directory
-(`$XDG_CACHE_HOME/kprune`, else `~/.cache/kprune`) and loaded with ctypes:
+compiler into kprune's cache directory and loaded with ctypes (lib/native.py):
 about a second the first time, nothing afterwards. `reference_update` is the
 same arithmetic as torch operations, one rounding per operation in the C
 order, so the two agree bit for bit (tests/lib/test_fused_adam.py checks
@@ -86,7 +85,7 @@ def reference_update(w, g, m, v, vmax, step_size: float, bc2_sqrt: float, s: dic
         g = torch.where(w == 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
     if s["l2"] != 0.0:
         g = g + s["l2"] * w
-    wn = w * s["decay"] if s["decay"] != 1.0 else w
+    wn = w * s["decay"]  # exact when it is 1 (Adam, or no weight decay)
     mi = m + s["one_minus_beta1"] * (g - m)
     vi = s["beta2"] * v + s["one_minus_beta2"] * (g * g)
     vv = vi
