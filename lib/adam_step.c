@@ -49,8 +49,8 @@ static inline __attribute__((always_inline)) void loop(const adam_tensor *t, con
     const float b1c = s->one_minus_beta1, b2 = s->beta2, b2c = s->one_minus_beta2, eps = s->eps;
     const float decay = s->decay, l2 = s->l2, step = -t->step_size, bc2 = t->bc2_sqrt;
     for (int64_t i = lo; i < hi; i++) {
-        float wi = w[i];
-        float gi = (mask && wi == 0.0f) ? 0.0f : g[i];
+        float wi = w[i], gr = g[i];    /* read unconditionally: a select, not a masked load */
+        float gi = (mask && wi == 0.0f) ? 0.0f : gr;
         if (l2_on)
             gi = gi + l2 * wi;
         wi = wi * decay;            /* exact when decay is 1 */
