@@ -10,6 +10,7 @@ The checks take the device as a parameter, so those a CPU can run are tested on 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -117,15 +118,32 @@ def check_compile_gpt2(device: torch.device, workdir: Path) -> dict:
 def check_fused_adamw(device: torch.device, workdir: Path) -> dict:
     from gpt2.model import GPT, config_for
 
-    model = GPT(config_for("tiny", 64, 0.0)).to(device)
+    # kprune's one-pass AdamW (lib/fused_adam.py): on CUDA its arithmetic compiled into one kernel per
+    # parameter. It must match the CPU's C kernel, and keep masked zero weights at zero.
+    torch.manual_seed(0)
+    model = GPT(config_for("tiny", 64, 0.0))
+    with torch.no_grad():
+        model.lm_head.weight.view(-1)[::2] = 0.0  # "pruned" half of the (tied) output layer
+    twin = copy.deepcopy(model)
+    model = model.to(device)
     settings = gpt2_settings(device, workdir, prune=False)
-    opt = optim.build_optimizer(model, settings)
-    fused = [g.get("fused") for g in opt.param_groups]
-    expect(type(opt).__name__ == "AdamW" and all(fused), f"{type(opt).__name__} with fused={fused}")
-    x = torch.randint(0, 50257, (2, 64), device=device)
-    model(x, x)[1].backward()
+    opt, cpu_opt = optim.build_optimizer(model, settings), optim.build_optimizer(twin, settings)
+    expect(type(opt).__name__ == "KpruneAdamW", f"{type(opt).__name__} is not kprune's one-pass AdamW")
+    opt.masked_params = frozenset([id(model.lm_head.weight)])
+    cpu_opt.masked_params = frozenset([id(twin.lm_head.weight)])
+    x = torch.randint(0, 50257, (2, 64))
+    model(x.to(device), x.to(device))[1].backward()
+    twin(x, x)[1].backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.cpu()  # the same gradients on both sides
     opt.step()
-    return {"optimizer": type(opt).__name__, "fused": True}
+    cpu_opt.step()
+    diff = max(float((p.detach().cpu() - q.detach()).abs().max())
+               for p, q in zip(model.parameters(), twin.parameters()))
+    expect(diff < 1e-6, f"the {device.type} step differs from the CPU's by {diff:.3g}")
+    kept_zero = bool((model.lm_head.weight.view(-1)[::2] == 0).all())
+    expect(kept_zero, "a masked zero weight moved in the step")
+    return {"optimizer": type(opt).__name__, "fused": True, "max_abs_diff_vs_cpu": diff}
 
 
 def check_exact_selection(device: torch.device, workdir: Path) -> dict:

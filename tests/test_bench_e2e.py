@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 PRUNING_KEYS = {"params", "mask_update_s", "pruned_count_exact", "dense_step_s", "masked_step_s",
                 "step_overhead_ratio", "state_bytes_per_weight", "peak_extra_bytes_per_weight",
-                "peak_extra_bytes_per_weight_own_buffer", "threads", "torch"}
+                "peak_extra_bytes_per_weight_own_buffer", "threads", "torch", "stream_pass_s", "update_vs_stream",
+                "torch_fused_step_s", "kprune_unmasked_step_s", "masking_vs_own_step", "separate_masking_s",
+                "separate_masking_vs_own_step", "optimizer"}
 TRAIN_KEYS = {"dense_tokens_per_s", "pruned_tokens_per_s", "bare_tokens_per_s", "pruning_overhead_ratio",
               "framework_ratio", "peer_shape_dense_tokens_per_s", "peer_shape_pruned_tokens_per_s", "threads",
               "torch", "untracked_wall_tokens_per_s", "tracked_wall_tokens_per_s", "tracker_overhead_ratio"}
@@ -68,6 +70,13 @@ def test_bench_pruning_prints_every_key_and_prunes_exactly(project):
     m, d, half = out["masked_step_s"], out["dense_step_s"], 0.5e-4
     assert (m - half) / (d + half) - 5e-4 <= out["step_overhead_ratio"] <= (m + half) / (d - half) + 5e-4
     assert target_count(0.5, out["params"]) == round(0.5 * out["params"])
+    # The issue-18 ratios: the update against the streaming pass, the masking against kprune's own step.
+    u, s = out["mask_update_s"], out["stream_pass_s"]
+    assert (u - half) / (s + half) - 5e-3 <= out["update_vs_stream"] <= (u + half) / (s - half) + 5e-3
+    k = out["kprune_unmasked_step_s"]
+    low, high = (m - k - 2 * half) / (k + half), (m - k + 2 * half) / (k - half)
+    assert low - 5e-4 <= out["masking_vs_own_step"] <= high + 5e-4
+    assert out["optimizer"] == "KpruneAdamW"  # the one-pass step that masks inside itself
 
 
 @pytest.mark.parametrize("structure", ["nm", "channel"])

@@ -104,7 +104,8 @@ def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], opti
         raise KpruneError(f"SPARSITY_SCOPE={scope} conflicts with {s.variant}, which means {implied} scope")
     try:
         pruner = Pruner(named_params, schedule, method, optimizer, beta1=s.beta1,
-                        structure=structure_from_settings(s, units), scope=scope)
+                        structure=structure_from_settings(s, units), scope=scope,
+                        fuse_masking=s.grad_clip == 0)  # clipping reads the masked gradients in between
     except ValueError as exc:
         raise KpruneError(str(exc)) from None
     if method.calibration is not None and task is not None:

@@ -5,7 +5,8 @@ a byte): the exact record the pruned counts and "pruned stays pruned" rest
 on, at 1/32 of the weights' own memory.
 
 Between mask updates the only per-step work is zeroing the gradients of
-pruned weights, and that alone keeps them at exactly zero: with zero
+pruned weights (done here, or inside kprune's Adam step: lib/fused_adam.py),
+and that alone keeps them at exactly zero: with zero
 gradient and zero moments Adam's update is 0 / (0 + eps) = 0, decoupled
 weight decay scales 0 to 0, L2 decay adds wd * 0 = 0 to the gradient,
 AMSGrad's maximum stays 0, momentum buffers stay 0. Since a pruned weight is
@@ -186,20 +187,33 @@ class MaskSet:
                 scratch = torch.empty(chunk_size(g.device), dtype=torch.bool, device=g.device)
             for start, n in chunks(w.numel(), scratch.numel()):
                 g[start:start + n].mul_(torch.ne(w[start:start + n], 0, out=scratch[:n]))
+        self.zero_attached_grads()
+
+    @torch.no_grad()
+    def zero_attached_grads(self) -> None:
+        """grad = 0 where an attached parameter's entry belongs to a pruned group (by its kept mask)."""
         for p, kept in self.attached:
             if p.grad is not None:
                 p.grad.mul_(kept)
 
+    @staticmethod
+    def zero_targets(p: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+        """What pruning p zeroes: the weight and every optimizer state of its shape."""
+        targets = [p.detach()]
+        if optimizer is not None:
+            targets += [v for k, v in optimizer.state.get(p, {}).items()
+                        if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
+        return targets
+
     @torch.no_grad()
-    def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Zero every pruned weight and its entries in every optimizer state of its shape."""
+    def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None,
+                                       done: frozenset[int] = frozenset()) -> None:
+        """Zero every pruned weight and its entries in every optimizer state of its shape
+        (except parameters `done`: the selection's own pass has zeroed them)."""
         any_pruned = self.pruned_flags()
         for i, p in enumerate(self.params):
-            targets = [p.detach()]
-            if optimizer is not None:
-                targets += [v for k, v in optimizer.state.get(p, {}).items()
-                            if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
-            if not any_pruned[i]:
+            targets = self.zero_targets(p, optimizer)
+            if i in done or not any_pruned[i]:
                 continue
             flats = [t.view(-1) for t in targets]
             for start, n in chunks(p.numel(), chunk_size(p.device)):
@@ -207,9 +221,5 @@ class MaskSet:
                 for t in flats:
                     t[start:start + n].mul_(kept)
         for p, kept in self.attached:
-            targets = [p.detach()]
-            if optimizer is not None:
-                targets += [v for k, v in optimizer.state.get(p, {}).items()
-                            if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
-            for t in targets:
+            for t in self.zero_targets(p, optimizer):
                 t.mul_(kept)

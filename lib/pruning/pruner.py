@@ -2,7 +2,8 @@
 
 The training loop calls `observe()` after each backward pass (methods that
 watch training record what they need), `after_backward()` (zero the gradients
-of pruned weights) and `after_step(step)` after each optimizer step (update
+of pruned weights; with `fuse_masking`, kprune's Adam/AdamW does it inside
+its step instead) and `after_step(step)` after each optimizer step (update
 the masks when the schedule says so; the scores of an update are written into
 the spent gradients, which are set to None, so it needs no score-sized
 buffer; `peak_score_bytes` records the score memory it did need). Only the method's score differs between methods, so at every
@@ -30,11 +31,12 @@ from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP, method_problem
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn, score_chunk_numel
-from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold
+from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold, store_selection
 # target_count and layer_adaptive_counts are imported from here by their users
 from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
                                select_groups, target_count)
 from lib.pruning.structure import Structure
+
 
 
 
@@ -61,7 +63,7 @@ class MaskUpdate:
 class Pruner:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], schedule: Schedule, method: Method | ScoreFn,
                  optimizer: torch.optim.Optimizer, beta1: float | None = 0.9, layer_adaptive: bool = False,
-                 structure: Structure | None = None, scope: str | None = None):
+                 structure: Structure | None = None, scope: str | None = None, fuse_masking: bool = False):
         self.structure = structure or Structure()
         self.scope = check_scope("layer-adaptive" if layer_adaptive else scope, self.structure)
         pool, self.excluded = self.structure.split(named_params)
@@ -86,6 +88,11 @@ class Pruner:
         self._check_reachable()
         self.updates: list[MaskUpdate] = []
         self.peak_score_bytes = 0
+        # With nothing between after_backward() and the step that reads the gradients (no clipping),
+        # an optimizer that masks inside its own step (kprune's Adam/AdamW) zeroes the pruned weights'
+        # gradients there instead of in a pass of their own.
+        self.fused_masking = fuse_masking and hasattr(optimizer, "masked_params")
+        self._pool_ids = frozenset(id(p) for p in self.masks.params)
 
     @property
     def layer_adaptive(self) -> bool:
@@ -159,12 +166,19 @@ class Pruner:
         """Forget every pruned weight and group (the weights stay as they are): for benchmarks and tests."""
         self.masks.clear()
         self.structure.clear()
+        if self.fused_masking:
+            self.optimizer.masked_params = frozenset()
 
     def observe(self, obs: Observation) -> None:
         self.method.observe(obs)
 
     def after_backward(self) -> None:
-        if self.masks.pruned_count:
+        if not self.masks.pruned_count:
+            return
+        if self.fused_masking:  # the step takes the gradient of an exactly-zero pooled weight as 0
+            self.optimizer.masked_params = self._pool_ids
+            self.masks.zero_attached_grads()
+        else:
             self.masks.zero_pruned_grads()
 
     def after_step(self, step: int) -> MaskUpdate | None:
@@ -241,6 +255,7 @@ class Pruner:
     def _select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         masks, structure = self.masks, self.structure
         keys, borrowed, allocated, peak = [], [], 0, 0
+        self._zeroed: set[int] = set()  # parameters whose pruned weights and states _store already zeroed
         weight_level = structure.weight_level
         if not weight_level:
             structure.begin()
@@ -285,7 +300,7 @@ class Pruner:
         del keys, out
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
-        masks.zero_pruned_weights_and_states(self.optimizer)
+        masks.zero_pruned_weights_and_states(self.optimizer, done=frozenset(self._zeroed))
 
     def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
         """Parameter i's float32 scores turned in place into its int32 selection keys.
@@ -320,6 +335,12 @@ class Pruner:
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
         thr = kth_threshold(keys, k) if k else None
+        indices = range(first, first + len(keys))
+        if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
+                                               [self.masks.zero_targets(self.masks.params[i], self.optimizer)
+                                                for i in indices]):
+            self._zeroed.update(indices)  # bits and zeroing in one pass (CPU, no tie to break)
+            return
         for j in range(len(keys)):
             self.masks.bits[first + j].zero_()
         if thr is not None:

@@ -46,10 +46,10 @@ def _moments(state: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return state.get("exp_avg"), state.get("exp_avg_sq")
 
 
-# A score runs over chunks of about this many weights, so its intermediates are chunk-sized: 4 MiB
+# A score runs over chunks of about this many weights, so its intermediates are chunk-sized: 1 MiB
 # each on a CPU, where they stay in cache, and 16 MiB on a GPU, where GPT-2 124M's largest weight
 # takes 10 chunks (a few dozen kernel launches more, once per mask update).
-SCORE_CHUNK = 1 << 20
+SCORE_CHUNK = 1 << 18  # CPUs: a chunk's w, state and score pieces stay in L2/L3 across the score's operations
 GPU_SCORE_CHUNK = 1 << 22
 
 

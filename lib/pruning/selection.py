@@ -5,7 +5,9 @@ Scores are float32 values in one tensor per parameter, written by the pruner
 turned in place into int32 keys whose integer order is the float order; a
 two-level radix histogram (top 16 bits, then low 16 bits within the one bin
 that holds the k-th key) finds the exact k-th key. The k lowest are every key
-below that threshold plus `ties` of the keys equal to it.
+below that threshold plus `ties` of the keys equal to it. On the CPU each
+histogram is one C pass over the keys (lib/pruning/select.c, built by
+lib/native.py); elsewhere, or without a C compiler, torch counts the same bins.
 
 Which of the tied keys are taken must not depend on where they sit: SPT's
 never-explored weights all score exactly 0, and taking them tensor by tensor
@@ -20,9 +22,13 @@ on every rank and every run.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from lib import native
 
 INT32_MIN = -(2 ** 31)
 _CHUNK = 1 << 20  # elements per chunk: the temporaries of each pass stay in cache
@@ -60,16 +66,78 @@ def _first_bin_reaching(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def kth_threshold(keys: list[torch.Tensor], k: int) -> Threshold:
     """Exact threshold for the k lowest of the flat int32 tensors `keys`, taken together (1 <= k <= total)."""
-    return _kth(lambda: _chunks(keys), sum(t.numel() for t in keys), k)
+    n = sum(t.numel() for t in keys)
+    lib = _native() if n > _SMALL and all(_native_ready(t) for t in keys) else None
+    if lib is None:
+        return _kth(lambda: _chunks(keys), n, k, keys[0].device)
+    _check_k(k, n)
+    threads = torch.get_num_threads()
+
+    def histogram(hist: torch.Tensor, high: int | None) -> None:
+        for t in keys:  # one C pass per tensor, reading each key once
+            if lib.kprune_histogram(t.data_ptr(), t.numel(), int(high is not None), high or 0, hist.data_ptr(),
+                                    threads):
+                raise MemoryError("no memory for the selection's histogram counters")
+
+    return _radix(histogram, k)
 
 
-def _kth(chunks, n: int, k: int) -> Threshold:
+_NATIVE: ctypes.CDLL | None = None
+_NATIVE_FAILED = False
+
+
+def _native() -> ctypes.CDLL | None:
+    """lib/pruning/select.c, built once per machine (lib/native.py); None without a C compiler, and then
+    the torch passes below count the same bins (kprune's Adam kernel has already warned about the compiler)."""
+    global _NATIVE, _NATIVE_FAILED
+    if _NATIVE is None and not _NATIVE_FAILED:
+        try:
+            _NATIVE = native.build(Path(__file__).with_name("select.c"))
+            _NATIVE.kprune_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int32,
+                                                 ctypes.c_void_p, ctypes.c_int]
+            _NATIVE.kprune_select_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        except native.BuildError:
+            _NATIVE_FAILED = True
+    return _NATIVE
+
+
+def store_selection(keys: list[torch.Tensor], thr: Threshold, bits: list[torch.Tensor],
+                    targets: list[list[torch.Tensor]]) -> bool:
+    """In one C pass per tensor: bits[j] = which keys[j] are selected (packed, as MaskSet keeps them), and
+    every tensor of targets[j] zeroed where they are. Only when no tie is to be broken (every key equal
+    to the threshold is selected: the usual case) and everything is on the CPU; otherwise False, and
+    nothing was written."""
+    lib = _native()
+    if lib is None or thr.ties != thr.equal or not all(_native_ready(k) for k in keys):
+        return False
+    if not all(b.device.type == "cpu" and b.dtype == torch.uint8 and b.is_contiguous() for b in bits):
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for group in targets for t in group):
+        return False
+    threads = torch.get_num_threads()
+    for key, b, group in zip(keys, bits, targets):
+        pointers = (ctypes.c_void_p * len(group))(*[t.data_ptr() for t in group])
+        lib.kprune_select_store(key.data_ptr(), key.numel(), thr.key, b.data_ptr(), pointers, len(group), threads)
+    return True
+
+
+def _native_ready(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.int32 and t.is_contiguous() and t.dim() == 1
+
+
+def _check_k(k: int, n: int) -> None:
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of keys ({n})")
+
+
+def _kth(chunks, n: int, k: int, device: torch.device) -> Threshold:
     """Exact threshold for the k lowest of the n int32 keys that `chunks()` yields (it may be called twice).
 
     The chunks are read, never written.
     """
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be between 1 and the number of keys ({n})")
+    _check_k(k, n)
     if n <= _SMALL:
         # Below this size a sort (of a small concatenation) is cheaper than two 65,536-bin histograms.
         ordered = torch.sort(torch.cat(list(chunks()))).values
@@ -77,18 +145,29 @@ def _kth(chunks, n: int, k: int) -> Threshold:
         below = int(torch.searchsorted(ordered, key))
         equal = int(torch.searchsorted(ordered, key, right=True)) - below
         return Threshold(key=key, ties=k - below, equal=equal)
-    hist = None
-    for chunk in chunks():
-        if hist is None:
-            hist = torch.zeros(1 << 16, dtype=torch.int64, device=chunk.device)
-        hist += torch.bincount((chunk >> 16).add_(1 << 15), minlength=1 << 16)
+
+    def histogram(hist: torch.Tensor, high: int | None) -> None:
+        for chunk in chunks():
+            if high is None:
+                hist += torch.bincount((chunk >> 16).add_(1 << 15), minlength=1 << 16)
+                continue
+            inside = chunk[(chunk >> 16) == high]
+            if inside.numel():
+                hist += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=1 << 16)
+
+    return _radix(histogram, k, device)
+
+
+def _radix(histogram, k: int, device: torch.device | str = "cpu") -> Threshold:
+    """The k-th key from two 65,536-bin counts: `histogram(hist, None)` adds every key to the bin of its
+    top 16 bits (offset by 2**15), `histogram(hist, high)` the keys whose top 16 bits are `high` to the
+    bin of their low 16 bits."""
+    hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    histogram(hist, None)
     high, below = _first_bin_reaching(hist, k)
     high_signed = high - (1 << 15)
     hist.zero_()
-    for chunk in chunks():
-        inside = chunk[(chunk >> 16) == high_signed]
-        if inside.numel():
-            hist += torch.bincount(inside.bitwise_and_(0xFFFF), minlength=1 << 16)
+    histogram(hist, high_signed)
     low, below_low = _first_bin_reaching(hist, k - below)
     return Threshold(key=(high_signed << 16) | low, ties=k - below - below_low, equal=int(hist[low]))
 
@@ -144,7 +223,8 @@ def iter_selection(keys: list[torch.Tensor], thr: Threshold, chunk: int = _CHUNK
     every_equal = thr.ties == thr.equal  # the usual case: no tie to break
     tie_key = None
     if not every_equal:
-        tie_key = _kth(lambda: _tied_hashes(keys, thr.key, first_index, min(chunk, _CHUNK)), thr.equal, thr.ties).key
+        tie_key = _kth(lambda: _tied_hashes(keys, thr.key, first_index, min(chunk, _CHUNK)), thr.equal, thr.ties,
+                       keys[0].device).key
     offset, taken = first_index, 0
     for index, seg in enumerate(keys):
         for start in range(0, seg.numel(), chunk):

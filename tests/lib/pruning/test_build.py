@@ -89,3 +89,14 @@ def test_spt_epsilon_zero_is_refused_by_its_range():
     with pytest.raises(ValueError, match=r"out of range \(0, 1\)"):
         BY_SYMBOL["SPT_EPSILON"].parse("0")
     assert BY_SYMBOL["SPT_ALPHA"].parse("0") == 0.0 and BY_SYMBOL["BETA1"].parse("0") == 0.0
+
+
+@pytest.mark.parametrize("grad_clip, optimizer, fused", [(0.0, "adamwprune", True), (1.0, "adamwprune", False),
+                                                         (0.0, "sgd", False)])
+def test_masking_moves_into_kprunes_adam_step_only_without_clipping(grad_clip, optimizer, fused):
+    # Clipping reads the masked gradients between after_backward and the step, and SGD has no fused step:
+    # both keep the separate masking pass.
+    model, pool = _model()
+    s = _settings(grad_clip=grad_clip, optimizer=optimizer, pruning_method="magnitude", sgd_momentum=0.9)
+    pruner, _ = build_pruner(s, pool, build_optimizer(model, s), 100)
+    assert pruner.fused_masking is fused

@@ -262,3 +262,31 @@ def test_pruner_without_parameters_is_an_error():
 ])
 def test_target_count_rounds_half_up(sparsity, numel, expected):
     assert target_count(sparsity, numel) == expected
+
+
+@pytest.mark.parametrize("variant", ["bitter5", "bitter7", "bitter8", "bitter9"])
+def test_element_wise_scores_in_pieces_select_what_whole_tensor_scores_select(variant, monkeypatch):
+    # A parameter larger than a score piece (SCORE_CHUNK) is scored piece by piece on CPUs; every
+    # weight must get the score it gets from the whole tensor, so the masks are the same.
+    from lib.pruning import scores as scores_module
+    from lib.pruning.methods import build_method
+
+    def masks(piece: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(scores_module, "SCORE_CHUNK", piece)
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(700, 1000)), nn.Parameter(torch.randn(30, 40))]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        pruner = Pruner([("a", params[0]), ("b", params[1])], Schedule("one-shot", start=1, end=1, final=0.4),
+                        build_method("state", variant), opt)
+        pruner.update(1)
+        return [pruner.masks.pruned_mask(i) for i in range(2)]
+
+    piece = scores_module.SCORE_CHUNK
+    assert 700 * 1000 > piece
+    whole, pieces = masks(1 << 30), masks(piece)
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieces))
+    assert int(whole[0].sum()) > 0

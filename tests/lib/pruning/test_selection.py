@@ -185,9 +185,21 @@ def test_kth_threshold_is_the_kth_key_with_ties():
 
 # --- large inputs (the histogram path, several chunks) --------------------------------------
 
-def test_large_selection_matches_brute_force_on_the_histogram_path():
+@pytest.mark.parametrize("native", [True, False], ids=["c-histogram", "torch-histogram"])
+def test_large_selection_matches_brute_force_on_the_histogram_path(native, monkeypatch, request):
     # More than _SMALL keys (histograms, not a sort), one tensor longer than a chunk, negative
     # scores, values that share their top 16 bits, and heavy exact ties at every threshold tried.
+    # Both ways of counting: lib/pruning/select.c (the CPU's) and torch's (other devices, no compiler).
+    if native:
+        assert selection._native() is not None, "the C histogram must build here (CI has a C compiler)"
+        calls = []
+        real = selection._native()
+        monkeypatch.setattr(selection, "_native", lambda: calls.append(1) or real)
+    else:
+        monkeypatch.setattr(selection, "_native", lambda: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the C passes split a tensor between threads, each with its own counters
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     g = torch.Generator().manual_seed(7)
     sizes = [selection._CHUNK + 4099, 70_001, 3, 150_000]
     n = sum(sizes)
@@ -202,6 +214,7 @@ def test_large_selection_matches_brute_force_on_the_histogram_path():
         got = _select(keys, sizes, k)
         assert int(got.sum()) == k
         assert torch.equal(got, _brute_force(keys, k))
+    assert bool(calls) if native else True  # the C path really ran
 
 
 def test_many_ties_take_the_histogram_path_for_the_hashes_too():

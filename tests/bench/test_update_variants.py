@@ -1,0 +1,26 @@
+"""bench/update_variants.py: every way of running the mask update selects the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lib.kconfig import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_variant_of_the_update_selects_the_same_weights_and_reports_its_ratio():
+    env = {**os.environ, "BENCH_SCALE": "0.05", "BENCH_ROUNDS": "1", "BENCH_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-m", "bench.update_variants"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["same_masks"] is True  # C histograms, C store and score pieces change nothing selected
+    for name in ("now", "whole_scores", "torch_store", "before"):
+        assert out[f"{name}_s"] > 0
+        assert out[f"{name}_vs_stream"] == pytest.approx(out[f"{name}_s"] / out["stream_s"], rel=0.05, abs=0.01)

@@ -1,0 +1,135 @@
+"""kprune's one-pass Adam/AdamW (lib/fused_adam.py, lib/adam_step.c): exact, masked inside the step, cached."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from lib import fused_adam, native
+from lib.fused_adam import KpruneAdam, KpruneAdamW
+from lib.pruning.methods import build_method
+from lib.pruning.pruner import Pruner
+from lib.pruning.schedules import Schedule
+
+# Sizes whose sum exceeds the kernel's one-thread limit, so two threads split the work across tensor borders.
+SIZES = [(70001,), (3, 11), (257, 389)]
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
+    with torch.no_grad():
+        for p in params:
+            p.view(-1)[::3] = 0.0  # "pruned" weights: exactly zero
+    return params
+
+
+def _run(cls, amsgrad: bool, masked: bool, use_c: bool, monkeypatch, steps: int = 5, wd: float = 0.1):
+    params = _params()
+    opt = cls(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd, amsgrad=amsgrad)
+    if masked:
+        opt.masked_params = frozenset(id(p) for p in params)
+    g = torch.Generator().manual_seed(1)
+    with monkeypatch.context() as m:
+        if not use_c:
+            m.setattr(fused_adam, "library", lambda: None)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls", [KpruneAdam, KpruneAdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_c_kernel_equals_the_reference_bit_for_bit(cls, amsgrad, masked, monkeypatch):
+    torch.set_num_threads(2)
+    assert fused_adam.library() is not None, "the C kernel must build here (CI has a C compiler)"
+    c_params, c_opt = _run(cls, amsgrad, masked, True, monkeypatch)
+    r_params, r_opt = _run(cls, amsgrad, masked, False, monkeypatch)
+    for cp, rp, start in zip(c_params, r_params, _params()):
+        assert torch.equal(cp, rp)
+        for key in ("exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else [])):
+            assert torch.equal(c_opt.state[cp][key], r_opt.state[rp][key]), key
+        zero = start == 0
+        if masked:  # masked: the zeros took no gradient, so weight decay and the update leave them at 0
+            assert bool((cp[zero] == 0).all()) and bool((c_opt.state[cp]["exp_avg"][zero] == 0).all())
+        else:  # unmasked: they trained like every other weight
+            assert int((cp[zero] == 0).sum()) == 0
+
+
+@pytest.mark.parametrize("cls, ref", [(KpruneAdam, torch.optim.Adam), (KpruneAdamW, torch.optim.AdamW)])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_unmasked_step_is_torchs_adam_to_float_rounding(cls, ref, amsgrad, monkeypatch):
+    ours, _ = _run(cls, amsgrad, False, True, monkeypatch, steps=10)
+    theirs = _params()
+    opt = ref(theirs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for p in theirs:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    for a, b in zip(ours, theirs):
+        # torch's lerp and sqrt round differently in the last place; a wrong formula is off by far more
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _train(fuse: bool, steps: int = 12) -> tuple[nn.Sequential, Pruner]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = KpruneAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    named = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
+    pruner = Pruner(named, Schedule("linear", start=2, end=8, final=0.7, frequency=2), build_method("state", "bitter7"),
+                    opt, fuse_masking=fuse)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        pruner.after_backward()
+        if fuse and pruner.pruned_count:  # the gradients of pruned weights are left as they came
+            assert any(bool((p.grad[pruner.masks.pruned_mask(i)] != 0).any())
+                       for i, p in enumerate(pruner.masks.params))
+        opt.step()
+        pruner.after_step(step)
+    return model, pruner
+
+
+def test_masking_inside_the_step_equals_the_separate_pass_and_keeps_pruned_weights_at_zero():
+    fused_model, fused = _train(True)
+    plain_model, plain = _train(False)
+    assert fused.fused_masking and not plain.fused_masking
+    assert fused.pruned_count == plain.pruned_count == fused.masks.count() > 0
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)
+    for i, p in enumerate(fused.masks.params):
+        pruned = fused.masks.pruned_mask(i)
+        assert bool((p[pruned] == 0).all())
+        state = fused.optimizer.state[p]
+        assert bool((state["exp_avg"][pruned] == 0).all()) and bool((state["exp_avg_sq"][pruned] == 0).all())
+
+
+def test_the_kernel_is_compiled_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    lib = native.build(fused_adam.SOURCE)
+    built = list((tmp_path / "kprune").glob("adam_step-*.so"))
+    assert len(built) == 1 and lib is not None
+    stamp = built[0].stat().st_mtime_ns
+    native.build(fused_adam.SOURCE)  # a second process: loads, never recompiles
+    assert built[0].stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "kprune").iterdir()] == [built[0].name]  # no temporary left
+
+
+def test_without_a_c_compiler_the_same_arithmetic_runs_with_one_warning(tmp_path, monkeypatch, capsys):
+    c_params, _ = _run(KpruneAdamW, False, True, True, monkeypatch)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", os.fspath(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(fused_adam, "_LIBRARY", None)
+    monkeypatch.setattr(fused_adam, "_UNAVAILABLE", None)
+    params, _ = _run(KpruneAdamW, False, True, True, monkeypatch)
+    err = capsys.readouterr().err
+    assert err.count("warning: kprune's C Adam kernel could not be built") == 1 and "set CC" in err
+    assert all(torch.equal(a, b) for a, b in zip(params, c_params))
