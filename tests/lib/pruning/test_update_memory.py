@@ -107,7 +107,7 @@ def test_recorded_update_peak_is_the_measured_score_memory(method, variant, kind
 
 @pytest.mark.parametrize("variant", ["bitter5", "bitter7"])
 def test_recorded_update_peak_is_the_measured_score_memory_at_the_real_chunk_size(variant):
-    measured, recorded = _measured_and_recorded("state", variant, "unstructured", True, (1024, 2560, 512))
+    measured, recorded = _measured_and_recorded("state", variant, "unstructured", True, (512, 1280, 128))
     assert abs(recorded - measured) <= SCALARS, (recorded, measured)
 
 
