@@ -8,6 +8,7 @@ so it starts in about a second.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,3 +65,39 @@ def test_test_files_have_unique_names():
     # files of one name in different folders stop the whole collection.
     names = [p.name for p in (REPO_ROOT / "tests").rglob("test_*.py")]
     assert sorted(set(names)) == sorted(names)
+
+
+
+def _make_test_xdist_options() -> list[str]:
+    """The pytest-xdist options `make test` gives, read from its recipe."""
+    recipe = (REPO_ROOT / "Makefile").read_text().split("\ntest: ", 1)[1].splitlines()[1]
+    match = re.search(r'PYTEST_ADDOPTS="(-n \S+ --dist \S+) ', recipe)
+    assert match, recipe
+    return match.group(1).split()
+
+
+# Each test notes the worker it ran on; the sleep lets the other worker ask for work meanwhile.
+RECORD = "import os, pathlib, time\n\n\ndef record(name):\n    time.sleep(0.2)\n" \
+         "    (pathlib.Path(__file__).parent / name).write_text(os.environ['PYTEST_XDIST_WORKER'])\n"
+
+
+def _recording_tests(prefix: str, n: int) -> str:
+    return "from record import record\n\n\n" + "".join(f"def test_{i}():\n    record('{prefix}-{i}')\n\n\n"
+                                                         for i in range(n))
+
+
+@pytest.mark.slow  # starts a process or trains: over a second
+def test_make_test_runs_each_file_and_all_of_slurm_on_one_worker(tmp_path):
+    options = _make_test_xdist_options()
+    assert options[:2] == ["-n", "2"]
+    (tmp_path / "slurm").mkdir()
+    files = {"conftest.py": "from tests.worker_groups import pytest_xdist_make_scheduler  # noqa: F401\n",
+             "record.py": RECORD, "test_a.py": _recording_tests("a", 8), "test_d.py": _recording_tests("d", 8),
+             "slurm/test_b.py": _recording_tests("slurm-b", 4), "slurm/test_c.py": _recording_tests("slurm-c", 4)}
+    result = _pytest(tmp_path, files, *options)
+    assert result.returncode == 0 and "24 passed" in result.stdout, result.stdout + result.stderr
+    worker = {p.name: p.read_text() for p in tmp_path.iterdir() if p.name.startswith(("a-", "d-", "slurm-"))}
+    assert len(worker) == 24
+    for prefix in ("a-", "d-", "slurm-"):  # a file's tests together, and all of slurm/ (one slurmctld)
+        assert len({w for name, w in worker.items() if name.startswith(prefix)}) == 1, (prefix, worker)
+    assert set(worker.values()) == {"gw0", "gw1"}  # and both workers used
