@@ -21,7 +21,6 @@ from lib.data.corpora import prepare_corpus
 from lib.kconfig import REPO_ROOT
 from tests.fast_selection import pytest_collection_modifyitems, pytest_sessionfinish  # noqa: F401 (hooks)
 from tests.lib.data.test_cifar import build_cifar10, build_cifar100
-from tests.worker_groups import pytest_xdist_make_scheduler  # noqa: F401 (hook)
 
 HUB_CORPORA = ("finewebedu", "tinystories", "openwebtext")
 

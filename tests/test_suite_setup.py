@@ -71,7 +71,7 @@ def test_test_files_have_unique_names():
 def _make_test_xdist_options() -> list[str]:
     """The pytest-xdist options `make test` gives, read from its recipe."""
     recipe = (REPO_ROOT / "Makefile").read_text().split("\ntest: ", 1)[1].splitlines()[1]
-    match = re.search(r'PYTEST_ADDOPTS="(-n \S+ --dist \S+) ', recipe)
+    match = re.search(r'PYTEST_ADDOPTS="(-n \S+ --dist \S+ -p \S+) ', recipe)
     assert match, recipe
     return match.group(1).split()
 
@@ -91,8 +91,7 @@ def test_make_test_runs_each_file_and_all_of_slurm_on_one_worker(tmp_path):
     options = _make_test_xdist_options()
     assert options[:2] == ["-n", "2"]
     (tmp_path / "slurm").mkdir()
-    files = {"conftest.py": "from tests.worker_groups import pytest_xdist_make_scheduler  # noqa: F401\n",
-             "record.py": RECORD, "test_a.py": _recording_tests("a", 8), "test_d.py": _recording_tests("d", 8),
+    files = {"record.py": RECORD, "test_a.py": _recording_tests("a", 8), "test_d.py": _recording_tests("d", 8),
              "slurm/test_b.py": _recording_tests("slurm-b", 4), "slurm/test_c.py": _recording_tests("slurm-c", 4)}
     result = _pytest(tmp_path, files, *options)
     assert result.returncode == 0 and "24 passed" in result.stdout, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""How `make test` shares the suite between its pytest-xdist workers (`-n 2 --dist loadfile`); a hook for tests/conftest.py.
+"""How `make test` shares the suite between its pytest-xdist workers: a plugin (`-n 2 --dist loadfile -p tests.worker_groups`).
 
 xdist's `loadfile` hands out whole test files: a file's module-scoped
 fixtures (a trained run, a copied project) are built once, not once per
@@ -43,3 +43,18 @@ def pytest_xdist_make_scheduler(config, log):
             return work_unit(nodeid)
 
     return FilesAndSlurmFolder(config, log)
+
+
+def pytest_sessionstart(session) -> None:
+    """Under xdist, a test path that does not exist is pytest's usage error (status 4), as it is without.
+
+    Only the workers collect, and their "file or directory not found" ends the run as "no tests ran"
+    (status 5): `make test PYTEST_ARGS=tests/tpyo.py` must say what is wrong, not that nothing ran.
+    """
+    config = session.config
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None) or config.option.pyargs:
+        return
+    for arg in config.args:
+        path = arg.partition("[")[0].split("::", 1)[0]
+        if not (config.invocation_params.dir / path).exists():
+            raise pytest.UsageError(f"file or directory not found: {arg}")
