@@ -179,10 +179,9 @@ demo: $(STAMP)
 	@$(PY) -m scripts.plots
 
 # PYTEST_ARGS reaches pytest as PYTEST_ADDOPTS, which pytest splits itself: no shell sees it.
-# make test runs on two pytest-xdist workers, a whole test file at a time and all of tests/slurm/ on one
-# (the plugin tests/worker_groups.py); PYTEST_ARGS come after these options: PYTEST_ARGS=-n0 runs in one process.
+# PYTEST_ARGS="-n 2 --dist loadfile -p tests.worker_groups" runs the suite on two pytest-xdist workers.
 test: $(STAMP)
-	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="-n 2 --dist loadfile -p tests.worker_groups $${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
+	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
 
 test-fast: $(STAMP)
 	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"

@@ -8,7 +8,6 @@ so it starts in about a second.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -24,7 +23,12 @@ def _pytest(folder: Path, files: dict[str, str], *args: str) -> subprocess.Compl
         (folder / name).write_text(text)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(REPO_ROOT / "pytest.ini"),
                            "--rootdir", str(folder), *args, str(folder)], cwd=folder, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+                          env={**_without_addopts(), "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+
+
+def _without_addopts() -> dict:
+    # The outer run's PYTEST_ADDOPTS (make test puts PYTEST_ARGS there) must not change these runs' options.
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
 
 
 def test_every_test_has_a_default_timeout(pytestconfig):
@@ -68,12 +72,8 @@ def test_test_files_have_unique_names():
 
 
 
-def _make_test_xdist_options() -> list[str]:
-    """The pytest-xdist options `make test` gives, read from its recipe."""
-    recipe = (REPO_ROOT / "Makefile").read_text().split("\ntest: ", 1)[1].splitlines()[1]
-    match = re.search(r'PYTEST_ADDOPTS="(-n \S+ --dist \S+ -p \S+) ', recipe)
-    assert match, recipe
-    return match.group(1).split()
+# The parallel run README's Tests section gives: make test PYTEST_ARGS="-n 2 --dist loadfile -p tests.worker_groups".
+PARALLEL = ["-n", "2", "--dist", "loadfile", "-p", "tests.worker_groups"]
 
 
 # Each test notes the worker it ran on; the sleep lets the other worker ask for work meanwhile.
@@ -87,13 +87,12 @@ def _recording_tests(prefix: str, n: int) -> str:
 
 
 @pytest.mark.slow  # starts a process or trains: over a second
-def test_make_test_runs_each_file_and_all_of_slurm_on_one_worker(tmp_path):
-    options = _make_test_xdist_options()
-    assert options[:2] == ["-n", "2"]
+def test_parallel_run_keeps_each_file_and_all_of_slurm_on_one_worker(tmp_path):
+    assert " ".join(PARALLEL) in (REPO_ROOT / "README.md").read_text()
     (tmp_path / "slurm").mkdir()
     files = {"record.py": RECORD, "test_a.py": _recording_tests("a", 8), "test_d.py": _recording_tests("d", 8),
              "slurm/test_b.py": _recording_tests("slurm-b", 4), "slurm/test_c.py": _recording_tests("slurm-c", 4)}
-    result = _pytest(tmp_path, files, *options)
+    result = _pytest(tmp_path, files, *PARALLEL)
     assert result.returncode == 0 and "24 passed" in result.stdout, result.stdout + result.stderr
     worker = {p.name: p.read_text() for p in tmp_path.iterdir() if p.name.startswith(("a-", "d-", "slurm-"))}
     assert len(worker) == 24

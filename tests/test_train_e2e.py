@@ -37,9 +37,8 @@ SPEC_SUMMARY_KEYS = {"model", "optimizer", "pruning_method", "variant", "schedul
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("project")
-    # tests/ too: `make test` loads the plugin tests/worker_groups.py.
     for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "defconfigs", "lib", "gpt2",
-                 "lenet5", "resnet", "scripts", "tests"]:
+                 "lenet5", "resnet", "scripts"]:
         src = REPO_ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
     os.symlink(REPO_ROOT / ".venv", root / ".venv")

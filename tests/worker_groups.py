@@ -1,4 +1,4 @@
-"""How `make test` shares the suite between its pytest-xdist workers: a plugin (`-n 2 --dist loadfile -p tests.worker_groups`).
+"""A pytest plugin to run the suite on pytest-xdist workers: `make test PYTEST_ARGS="-n 2 --dist loadfile -p tests.worker_groups"`.
 
 xdist's `loadfile` hands out whole test files: a file's module-scoped
 fixtures (a trained run, a copied project) are built once, not once per
@@ -10,8 +10,7 @@ worker that asks for it. (xdist's `loadgroup` with `xdist_group` marks would
 say the same, but pytest-xdist 3.8.0 cannot rename pytest 9's test ids and
 silently runs the marked tests anywhere.)
 
-Other `--dist` modes, and runs without `-n` (`make test-fast`,
-`python -m pytest`), are left as they are.
+Other `--dist` modes, and runs without `-n`, are left as they are.
 """
 
 from __future__ import annotations
