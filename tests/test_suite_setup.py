@@ -99,3 +99,11 @@ def test_parallel_run_keeps_each_file_and_all_of_slurm_on_one_worker(tmp_path):
     for prefix in ("a-", "d-", "slurm-"):  # a file's tests together, and all of slurm/ (one slurmctld)
         assert len({w for name, w in worker.items() if name.startswith(prefix)}) == 1, (prefix, worker)
     assert set(worker.values()) == {"gw0", "gw1"}  # and both workers used
+
+
+@pytest.mark.slow  # starts a process or trains: over a second
+def test_parallel_run_of_a_missing_test_path_is_a_usage_error_naming_it(tmp_path):
+    # Only xdist's workers collect; without the plugin's check this ends as "no tests ran" (status 5).
+    result = _pytest(tmp_path, {"test_ok.py": "def test_ok():\n    pass\n"}, *PARALLEL, str(tmp_path / "tpyo.py"))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"file or directory not found: {tmp_path / 'tpyo.py'}" in result.stderr
