@@ -189,6 +189,7 @@ demo: $(STAMP)
 	@$(PY) -m scripts.plots
 
 # PYTEST_ARGS reaches pytest as PYTEST_ADDOPTS, which pytest splits itself: no shell sees it.
+# PYTEST_ARGS="-n 2 --dist loadfile -p tests.worker_groups" runs the suite on two pytest-xdist workers.
 test: $(STAMP)
 	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
 

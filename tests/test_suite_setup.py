@@ -23,7 +23,12 @@ def _pytest(folder: Path, files: dict[str, str], *args: str) -> subprocess.Compl
         (folder / name).write_text(text)
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(REPO_ROOT / "pytest.ini"),
                            "--rootdir", str(folder), *args, str(folder)], cwd=folder, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+                          env={**_without_addopts(), "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+
+
+def _without_addopts() -> dict:
+    # The outer run's PYTEST_ADDOPTS (make test puts PYTEST_ARGS there) must not change these runs' options.
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
 
 
 def test_every_test_has_a_default_timeout(pytestconfig):
@@ -64,3 +69,41 @@ def test_test_files_have_unique_names():
     # files of one name in different folders stop the whole collection.
     names = [p.name for p in (REPO_ROOT / "tests").rglob("test_*.py")]
     assert sorted(set(names)) == sorted(names)
+
+
+
+# The parallel run README's Tests section gives: make test PYTEST_ARGS="-n 2 --dist loadfile -p tests.worker_groups".
+PARALLEL = ["-n", "2", "--dist", "loadfile", "-p", "tests.worker_groups"]
+
+
+# Each test notes the worker it ran on; the sleep lets the other worker ask for work meanwhile.
+RECORD = "import os, pathlib, time\n\n\ndef record(name):\n    time.sleep(0.2)\n" \
+         "    (pathlib.Path(__file__).parent / name).write_text(os.environ['PYTEST_XDIST_WORKER'])\n"
+
+
+def _recording_tests(prefix: str, n: int) -> str:
+    return "from record import record\n\n\n" + "".join(f"def test_{i}():\n    record('{prefix}-{i}')\n\n\n"
+                                                         for i in range(n))
+
+
+@pytest.mark.slow  # starts a process or trains: over a second
+def test_parallel_run_keeps_each_file_and_all_of_slurm_on_one_worker(tmp_path):
+    assert " ".join(PARALLEL) in (REPO_ROOT / "README.md").read_text()
+    (tmp_path / "slurm").mkdir()
+    files = {"record.py": RECORD, "test_a.py": _recording_tests("a", 8), "test_d.py": _recording_tests("d", 8),
+             "slurm/test_b.py": _recording_tests("slurm-b", 4), "slurm/test_c.py": _recording_tests("slurm-c", 4)}
+    result = _pytest(tmp_path, files, *PARALLEL)
+    assert result.returncode == 0 and "24 passed" in result.stdout, result.stdout + result.stderr
+    worker = {p.name: p.read_text() for p in tmp_path.iterdir() if p.name.startswith(("a-", "d-", "slurm-"))}
+    assert len(worker) == 24
+    for prefix in ("a-", "d-", "slurm-"):  # a file's tests together, and all of slurm/ (one slurmctld)
+        assert len({w for name, w in worker.items() if name.startswith(prefix)}) == 1, (prefix, worker)
+    assert set(worker.values()) == {"gw0", "gw1"}  # and both workers used
+
+
+@pytest.mark.slow  # starts a process or trains: over a second
+def test_parallel_run_of_a_missing_test_path_is_a_usage_error_naming_it(tmp_path):
+    # Only xdist's workers collect; without the plugin's check this ends as "no tests ran" (status 5).
+    result = _pytest(tmp_path, {"test_ok.py": "def test_ok():\n    pass\n"}, *PARALLEL, str(tmp_path / "tpyo.py"))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"file or directory not found: {tmp_path / 'tpyo.py'}" in result.stderr
