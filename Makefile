@@ -189,12 +189,14 @@ demo: $(STAMP)
 	@$(PY) -m scripts.plots
 
 # PYTEST_ARGS reaches pytest as PYTEST_ADDOPTS, which pytest splits itself: no shell sees it.
-# PYTEST_ARGS="-n 2 --dist loadfile -p tests.worker_groups" runs the suite on two pytest-xdist workers.
+# Two pytest-xdist workers, a test file at a time, all of tests/slurm/ on one (tests/worker_groups.py);
+# PYTEST_ARGS="-n 0" runs the suite in one process.
+PARALLEL_TESTS := -n 2 --dist loadfile -p tests.worker_groups
 test: $(STAMP)
-	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
+	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$(PARALLEL_TESTS) $${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
 
 test-fast: $(STAMP)
-	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"
+	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$(PARALLEL_TESTS) $${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf results data/prepared .pytest_cache

@@ -29,6 +29,7 @@ from bench.pruning import layer_shapes
 from lib.optim import OPTIMIZERS
 from lib.pruning import pruner as pruner_module
 from lib.pruning import selection
+from lib.pruning import scores as scores_module
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import Schedule
@@ -49,13 +50,13 @@ def main() -> int:
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("one-shot", start=1, end=1, final=0.5),
                     build_method("state", "bitter7"), optimizer)
     gradients = [p.grad.clone() for p in params]
-    native, store, piece = selection._native, pruner_module.store_selection, pruner_module.SCORE_CHUNK
+    native, store, piece = selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK
     whole = 1 << 62
     variants = {"now": (native, store, piece), "whole_scores": (native, store, whole),
                 "torch_store": (native, lambda *a: False, whole), "before": (lambda: None, lambda *a: False, whole)}
 
     def update(name: str) -> float:
-        selection._native, pruner_module.store_selection, pruner_module.SCORE_CHUNK = variants[name]
+        selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK = variants[name]
         pruner.clear()  # the weights pruned last time stay 0: half the scores are 0, as in bench-pruning
         for p, g in zip(params, gradients):
             if p.grad is None:
@@ -81,7 +82,7 @@ def main() -> int:
             best[name] = min(best[name], update(name))
             masks[name] = torch.cat([b.clone() for b in pruner.masks.bits])
         best["stream"] = min(best["stream"], stream())
-    selection._native, pruner_module.store_selection, pruner_module.SCORE_CHUNK = native, store, piece
+    selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK = native, store, piece
     emit({"benchmark": "update-variants", "params": sum(p.numel() for p in params), "scale": scale,
           "same_masks": all(torch.equal(m, masks["now"]) for m in masks.values()),
           **{f"{name}_s": round(t, 6) for name, t in best.items()},

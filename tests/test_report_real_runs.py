@@ -75,12 +75,12 @@ def test_different_optimizers_behind_the_baseline_pair_are_reported(report):
     c = _comparison(report, SPAM_MAG, PRUNE_BIT)
     assert c.axes == ("optimizer", "method") and not c.fair and c in report.audit.unfair
     assert c.verdict == "confounded: differs in 2 axes (optimizer, method)"
-    assert {"optimizer.class: AdamWSPAM vs AdamW", "optimizer.base: adamwspam vs adamw",
+    assert {"optimizer.class: AdamWSPAM vs KpruneAdamW", "optimizer.base: adamwspam vs adamw",
             "optimizer.theta: 5000.0 vs (absent)"} <= {str(d) for d in c.intended}
     text = report.report.read_text()
     assert f"- `{SPAM_MAG}` vs `{PRUNE_BIT}` (against the baseline; intended axis: optimizer, method): " \
            "confounded: differs in 2 axes (optimizer, method)" in text
-    assert "  - what the axes changed in the runs: optimizer.class: AdamWSPAM vs AdamW" in text
+    assert "  - what the axes changed in the runs: optimizer.class: AdamWSPAM vs KpruneAdamW" in text
 
 
 def test_real_summaries_of_a_fair_pair_show_no_spurious_difference(report):
