@@ -37,6 +37,14 @@ SMALL_CHUNK = 4096  # score chunk of the small models below: 16 KiB per float32 
 SCALARS = 256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _bit_tables_made():
+    """The bit-unpacking tables (4 KB) are made once per process, at its first mask update: not score memory.
+    Made here, so the first case measured in a fresh process (a pytest-xdist worker) is measured like the rest."""
+    from lib.pruning.masks import _tables
+    _tables(torch.device("cpu"))
+
+
 def _model(sizes: tuple[int, int, int], dtype=torch.float32) -> nn.Sequential:
     torch.manual_seed(0)
     n_in, hidden, n_out = sizes
