@@ -156,3 +156,31 @@ int kprune_select_store(const int32_t *keys, int64_t n, int32_t threshold, uint8
         pthread_join(ids[i], NULL);
     return 0;
 }
+
+/* kprune_nm_cap: N:M structure (lib/pruning/structure.py nm_cap_). keys viewed as
+ * [rows, groups, m, rest] (rest: a convolution's kernel positions, 1 for a Linear); in every
+ * group of m keys along dim 2, all but the m - n lowest become INT32_MAX. Ranks as the torch
+ * version: position j ranks before l > j when keys[j] <= keys[l] (an equal key earlier in the
+ * group first). One pass over the keys. */
+void kprune_nm_cap(int32_t *keys, int64_t rows_groups, int m, int64_t rest, int n)
+{
+    int keep = m - n;                          /* selectable (prunable) per group */
+    for (int64_t g = 0; g < rows_groups; g++) {
+        int32_t *base = keys + g * (int64_t)m * rest;
+        for (int64_t t = 0; t < rest; t++) {
+            int32_t v[16];
+            int rank[16];
+            for (int j = 0; j < m; j++) {
+                v[j] = base[(int64_t)j * rest + t];
+                rank[j] = 0;
+            }
+            for (int j = 0; j < m; j++)
+                for (int l = j + 1; l < m; l++) {
+                    if (v[j] <= v[l]) rank[l]++;
+                    else rank[j]++;
+                }
+            for (int j = 0; j < m; j++)
+                if (rank[j] >= keep) base[(int64_t)j * rest + t] = INT32_MAX;
+        }
+    }
+}

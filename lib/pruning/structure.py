@@ -35,7 +35,7 @@ from torch import nn
 from lib.pruning.masks import CHUNK, MaskSet, pack_bits
 from lib.pruning.registry import (FIXED_SCOPE, LAYER_ADAPTIVE_VARIANTS, LAYER_CAP, NM_GROUP_LENGTHS, REFUSED_SCOPES,
                                   method_problem, scope_in_use)
-from lib.pruning.selection import floats_to_keys_
+from lib.pruning.selection import floats_to_keys_, nm_cap_native
 
 INT32_MAX = 2 ** 31 - 1
 
@@ -83,6 +83,8 @@ def nm_cap_(key: torch.Tensor, shape: torch.Size, n: int, m: int) -> None:
     """
     rows, inputs = shape[0], shape[1]
     rest = key.numel() // (rows * inputs)
+    if nm_cap_native(key, rows * (inputs // m), m, rest, n):  # CPUs: one C pass, the same rule
+        return
     view = key.view(rows, inputs // m, m, rest)
     per = max(1, CHUNK // max(1, inputs * rest))
     for r0 in range(0, rows, per):

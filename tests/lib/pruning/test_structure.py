@@ -392,3 +392,20 @@ def test_mask_memory_counts_the_structures_own_state():
     channel = Pruner(_pool(model), SCHEDULE, magnitude, torch.optim.AdamW(model.parameters()),
                      structure=Channel(_units(model)))
     assert channel.masks.state_bytes() == bits + (16 + 8) + (16 + 8)  # unit flags and the biases' kept masks
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (8, 16, 3, 3)], ids=["linear", "conv"])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
+def test_the_c_nm_cap_is_the_torch_rule(shape, n, m, monkeypatch):
+    """structure.nm_cap_ runs one C pass on CPUs; it must cap exactly what the torch passes cap, ties included."""
+    from lib.pruning import structure as structure_module
+    torch.manual_seed(0)
+    keys = torch.randint(-3, 4, shape, dtype=torch.int32).view(-1)  # few values: many ties within groups
+    by_c = keys.clone()
+    structure_module.nm_cap_(by_c, torch.Size(shape), n, m)
+    monkeypatch.setattr(structure_module, "nm_cap_native", lambda *args: False)
+    by_torch = keys.clone()
+    structure_module.nm_cap_(by_torch, torch.Size(shape), n, m)
+    assert torch.equal(by_c, by_torch)
+    capped = (by_c == torch.iinfo(torch.int32).max).view(shape[0], shape[1] // m, m, -1).sum(2)
+    assert bool((capped == n).all())  # every group keeps exactly m - n selectable keys
