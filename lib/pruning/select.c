@@ -161,26 +161,76 @@ int kprune_select_store(const int32_t *keys, int64_t n, int32_t threshold, uint8
  * [rows, groups, m, rest] (rest: a convolution's kernel positions, 1 for a Linear); in every
  * group of m keys along dim 2, all but the m - n lowest become INT32_MAX. Ranks as the torch
  * version: position j ranks before l > j when keys[j] <= keys[l] (an equal key earlier in the
- * group first). One pass over the keys. */
-void kprune_nm_cap(int32_t *keys, int64_t rows_groups, int m, int64_t rest, int n)
+ * group first). One pass over the keys, `threads` threads over contiguous ranges of groups;
+ * m is a compile-time constant in the loop (4 or 8), so the comparisons unroll. */
+typedef struct {
+    int32_t *keys;
+    int64_t begin, end, rest;
+    int m, keep;
+} nm_work;
+
+#define NM_CAP_LOOP(M)                                                              \
+    for (int64_t g = w->begin; g < w->end; g++) {                                   \
+        int32_t *base = w->keys + g * (int64_t)(M) * w->rest;                       \
+        for (int64_t t = 0; t < w->rest; t++) {                                     \
+            int32_t v[M];                                                           \
+            int rank[M];                                                            \
+            for (int j = 0; j < (M); j++) { v[j] = base[(int64_t)j * w->rest + t]; rank[j] = 0; } \
+            for (int j = 0; j < (M); j++)                                           \
+                for (int l = j + 1; l < (M); l++) {                                 \
+                    int first = v[j] <= v[l];                                       \
+                    rank[l] += first;                                               \
+                    rank[j] += !first;                                              \
+                }                                                                   \
+            for (int j = 0; j < (M); j++)                                           \
+                if (rank[j] >= w->keep) base[(int64_t)j * w->rest + t] = INT32_MAX;  \
+        }                                                                           \
+    }
+
+/* 2:4 and 1:4 of a Linear (rest 1, m 4), the common case: the same ranks, branch-free. */
+static void nm_cap4_rows(nm_work *w)
 {
-    int keep = m - n;                          /* selectable (prunable) per group */
-    for (int64_t g = 0; g < rows_groups; g++) {
-        int32_t *base = keys + g * (int64_t)m * rest;
-        for (int64_t t = 0; t < rest; t++) {
-            int32_t v[16];
-            int rank[16];
-            for (int j = 0; j < m; j++) {
-                v[j] = base[(int64_t)j * rest + t];
-                rank[j] = 0;
-            }
-            for (int j = 0; j < m; j++)
-                for (int l = j + 1; l < m; l++) {
-                    if (v[j] <= v[l]) rank[l]++;
-                    else rank[j]++;
-                }
-            for (int j = 0; j < m; j++)
-                if (rank[j] >= keep) base[(int64_t)j * rest + t] = INT32_MAX;
+    const int32_t cap = INT32_MAX;
+    int keep = w->keep;
+    for (int64_t g = w->begin; g < w->end; g++) {
+        int32_t *k = w->keys + g * 4;
+        int32_t a = k[0], b = k[1], c = k[2], d = k[3];
+        int ra = (a > b) + (a > c) + (a > d);
+        int rb = (b >= a) + (b > c) + (b > d);
+        int rc = (c >= a) + (c >= b) + (c > d);
+        int rd = (d >= a) + (d >= b) + (d >= c);
+        k[0] = ra >= keep ? cap : a;
+        k[1] = rb >= keep ? cap : b;
+        k[2] = rc >= keep ? cap : c;
+        k[3] = rd >= keep ? cap : d;
+    }
+}
+
+static void *nm_cap(void *arg)
+{
+    nm_work *w = arg;
+    if (w->m == 4 && w->rest == 1) nm_cap4_rows(w);
+    else if (w->m == 4) { NM_CAP_LOOP(4) }
+    else { NM_CAP_LOOP(8) }  /* kprune's M is 4 or 8: the caller passes nothing else */
+    return NULL;
+}
+
+void kprune_nm_cap(int32_t *keys, int64_t groups, int m, int64_t rest, int n, int threads)
+{
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (groups < 65536) threads = 1;
+    pthread_t tid[MAX_THREADS];
+    nm_work work[MAX_THREADS];
+    int running[MAX_THREADS] = {0};
+    for (int i = 0; i < threads; i++) {
+        work[i] = (nm_work){keys, groups * i / threads, groups * (i + 1) / threads, rest, m, m - n};
+        if (i > 0) {
+            running[i] = pthread_create(&tid[i], NULL, nm_cap, &work[i]) == 0;
+            if (!running[i]) nm_cap(&work[i]);   /* no thread: this range here, in turn */
         }
     }
+    nm_cap(&work[0]);
+    for (int i = 1; i < threads; i++)
+        if (running[i]) pthread_join(tid[i], NULL);
 }

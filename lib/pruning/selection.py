@@ -98,7 +98,7 @@ def _native() -> ctypes.CDLL | None:
             _NATIVE.kprune_select_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             _NATIVE.kprune_nm_cap.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                                              ctypes.c_int]
+                                              ctypes.c_int, ctypes.c_int]
             _NATIVE.kprune_nm_cap.restype = None
         except native.BuildError:
             _NATIVE_FAILED = True
@@ -129,9 +129,9 @@ def store_selection(keys: list[torch.Tensor], thr: Threshold, bits: list[torch.T
 def nm_cap_native(key: torch.Tensor, rows_groups: int, m: int, rest: int, n: int) -> bool:
     """kprune_nm_cap in one C pass (structure.nm_cap_'s rule) when the keys are on the CPU; else False."""
     lib = _native()
-    if lib is None or not _native_ready(key) or m > 16:
+    if lib is None or not _native_ready(key) or m not in (4, 8):
         return False
-    lib.kprune_nm_cap(key.data_ptr(), rows_groups, m, rest, n)
+    lib.kprune_nm_cap(key.data_ptr(), rows_groups, m, rest, n, torch.get_num_threads())
     return True
 
 

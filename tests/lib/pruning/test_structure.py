@@ -394,7 +394,7 @@ def test_mask_memory_counts_the_structures_own_state():
     assert channel.masks.state_bytes() == bits + (16 + 8) + (16 + 8)  # unit flags and the biases' kept masks
 
 
-@pytest.mark.parametrize("shape", [(64, 96), (8, 16, 3, 3)], ids=["linear", "conv"])
+@pytest.mark.parametrize("shape", [(64, 96), (8, 16, 3, 3), (512, 1024)], ids=["linear", "conv", "threaded"])
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
 def test_the_c_nm_cap_is_the_torch_rule(shape, n, m, monkeypatch):
     """structure.nm_cap_ runs one C pass on CPUs; it must cap exactly what the torch passes cap, ties included."""
