@@ -88,7 +88,7 @@ def _recording_tests(prefix: str, n: int) -> str:
 
 @pytest.mark.slow  # starts a process or trains: over a second
 def test_parallel_run_keeps_each_file_and_all_of_slurm_on_one_worker(tmp_path):
-    assert " ".join(PARALLEL) in (REPO_ROOT / "README.md").read_text()
+    assert f"PARALLEL_TESTS := {' '.join(PARALLEL)}" in (REPO_ROOT / "Makefile").read_text()  # what make test runs
     (tmp_path / "slurm").mkdir()
     files = {"record.py": RECORD, "test_a.py": _recording_tests("a", 8), "test_d.py": _recording_tests("d", 8),
              "slurm/test_b.py": _recording_tests("slurm-b", 4), "slurm/test_c.py": _recording_tests("slurm-c", 4)}
