@@ -22,6 +22,23 @@
 #define BINS 65536
 #define MAX_THREADS 64
 
+/* fn over work[0..threads): threads 1.. each on a POSIX thread, work[0] here; a range whose thread
+ * could not start runs here too, in turn. work is an array of `size`-byte items. */
+static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threads)
+{
+    pthread_t ids[MAX_THREADS];
+    char *item = work;
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, fn, item + started * size) != 0)
+            break;
+    fn(item);
+    for (int i = started; i < threads; i++)
+        fn(item + i * size);
+    for (int i = 1; i < started; i++)
+        pthread_join(ids[i], NULL);
+}
+
 typedef struct {
     const int32_t *keys;
     int64_t begin, end;
@@ -72,7 +89,6 @@ int kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high,
     if (ranges > threads)
         threads = ranges < MAX_THREADS ? (int)ranges : MAX_THREADS;
     hist_work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
     uint32_t *sub = calloc((size_t)threads * COPIES * BINS, sizeof(uint32_t));
     if (sub == NULL)
         return -1;
@@ -81,15 +97,7 @@ int kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high,
         int64_t begin = per * i < n ? per * i : n, end = per * (i + 1) < n ? per * (i + 1) : n;
         work[i] = (hist_work){keys, begin, end, low_pass, high, hist, sub + (int64_t)i * COPIES * BINS};
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, count, &work[started]) != 0)
-            break;
-    count(&work[0]);
-    for (int i = started; i < threads; i++)  /* a thread that could not start: its range here */
-        count(&work[i]);
-    for (int i = 1; i < started; i++)
-        pthread_join(ids[i], NULL);
+    run_parallel(count, work, sizeof work[0], threads);
     for (int64_t j = 0; j < (int64_t)threads * COPIES; j++)
         for (int b = 0; b < BINS; b++)
             hist[b] += sub[j * BINS + b];
@@ -138,22 +146,13 @@ int kprune_select_store(const int32_t *keys, int64_t n, int32_t threshold, uint8
     if (threads < 1 || n < (int64_t)1 << 16)
         threads = 1;
     select_work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
     int64_t per = (n + threads - 1) / threads;
     per = (per + 63) / 64 * 64;     /* whole bytes of bits and whole cache lines per thread */
     for (int i = 0; i < threads; i++) {
         int64_t begin = per * i < n ? per * i : n, end = per * (i + 1) < n ? per * (i + 1) : n;
         work[i] = (select_work){keys, n, begin, end, threshold, bits, targets, ntargets};
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, select_store, &work[started]) != 0)
-            break;
-    select_store(&work[0]);
-    for (int i = started; i < threads; i++)
-        select_store(&work[i]);
-    for (int i = 1; i < started; i++)
-        pthread_join(ids[i], NULL);
+    run_parallel(select_store, work, sizeof work[0], threads);
     return 0;
 }
 
@@ -220,17 +219,8 @@ void kprune_nm_cap(int32_t *keys, int64_t groups, int m, int64_t rest, int n, in
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (groups < 65536) threads = 1;
-    pthread_t tid[MAX_THREADS];
     nm_work work[MAX_THREADS];
-    int running[MAX_THREADS] = {0};
-    for (int i = 0; i < threads; i++) {
+    for (int i = 0; i < threads; i++)
         work[i] = (nm_work){keys, groups * i / threads, groups * (i + 1) / threads, rest, m, m - n};
-        if (i > 0) {
-            running[i] = pthread_create(&tid[i], NULL, nm_cap, &work[i]) == 0;
-            if (!running[i]) nm_cap(&work[i]);   /* no thread: this range here, in turn */
-        }
-    }
-    nm_cap(&work[0]);
-    for (int i = 1; i < threads; i++)
-        if (running[i]) pthread_join(tid[i], NULL);
+    run_parallel(nm_cap, work, sizeof work[0], threads);
 }
