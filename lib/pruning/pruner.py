@@ -30,8 +30,10 @@ from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method, Observation
 from lib.pruning.registry import LAYER_CAP, method_problem
 from lib.pruning.schedules import Schedule
-from lib.pruning.scores import ScoreContext, ScoreFn, score_chunk_numel
-from lib.pruning.selection import INT32_MIN, floats_to_keys_, iter_selection, kth_threshold, store_selection
+from lib.pruning.scores import ScoreContext, ScoreFn, native_arguments, score_chunk_numel
+from lib.pruning.selection import (INT32_MIN, SMALL_SELECTION, Counters, count_first_histogram, floats_to_keys_,
+                                   iter_selection, kth_threshold, native_selection, score_keys, settle_ties_,
+                                   store_selection)
 # target_count and layer_adaptive_counts are imported from here by their users
 from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
                                select_groups, target_count)
@@ -261,46 +263,84 @@ class Pruner:
             structure.begin()
         # Which parameters already have pruned weights, read from the device once, not once per parameter.
         pruned_before = masks.pruned_flags() if weight_level else []
-        for i, p in enumerate(masks.params):
-            out, own = _spent_gradient(p) if gradients_spent else None, 0
-            if out is None:
-                out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-                own = out.numel() * out.element_size()
+        # One global selection over keys no structure changes: on the CPU its first histogram is counted
+        # while the keys are written (the counters are closed by the selection, or below).
+        counters = self._first_histogram() if weight_level and not structure.restricts and counts.per_layer is None \
+            and counts.per_row is None else None
+        try:
+            for i, p in enumerate(masks.params):
+                out, own = _spent_gradient(p) if gradients_spent else None, 0
+                if out is None:
+                    out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    own = out.numel() * out.element_size()
+                else:
+                    borrowed.append(p)
+                allocated += own
+                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + self._calibration_bytes
+                state = self.optimizer.state.get(p, {})
+                if weight_level and self._native_keys_(i, p, state, out, pruned_before[i], ctx, counters):
+                    peak = max(peak, held)  # one C pass: nothing beside the keys
+                    key = out.view(-1).view(torch.int32)
+                    structure.restrict_(i, key)
+                    keys.append(key)
+                    continue
+                # Score memory while this weight is scored: the buffers held (the keys keep every one; a group
+                # structure folds each into its group scores and drops it), the group scores, a float32 copy of
+                # a weight of another dtype and the score's declared intermediates.
+                transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
+                             + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
+                peak = max(peak, held + transient)
+                self.method.score(i, p.detach().float(), state, out, ctx)
+                if not weight_level:  # the structure folds the weights' scores into its groups' scores
+                    structure.add_scores(i, out)
+                    continue
+                keys.append(self._keys_(i, out, pruned_before[i]))
+                if counters is not None:
+                    count_first_histogram(keys[-1], counters)
+            self.peak_score_bytes = max(self.peak_score_bytes, peak)
+            if not weight_level:
+                structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
+                                               if counts.per_row is not None else None))
+                masks.pruned_count = structure.pruned_weights(counts.total)
+            elif counts.per_row is not None:
+                for i, (key, per_row) in enumerate(zip(keys, counts.per_row)):
+                    self._store_rows(key, i, per_row)
+                masks.pruned_count = counts.total
+            elif counts.per_layer is not None:
+                for i, (key, count) in enumerate(zip(keys, counts.per_layer)):
+                    self._store([key], count, first=i)
+                masks.pruned_count = counts.total
             else:
-                borrowed.append(p)
-            allocated += own
-            # Score memory while this weight is scored: the buffers held (the keys keep every one; a group
-            # structure folds each into its group scores and drops it), the group scores, a float32 copy of
-            # a weight of another dtype and the score's declared intermediates.
-            transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
-                         + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
-            peak = max(peak, (allocated if weight_level else own) + structure.group_score_bytes(i) + transient
-                       + self._calibration_bytes)
-            self.method.score(i, p.detach().float(), self.optimizer.state.get(p, {}), out, ctx)
-            if not weight_level:  # the structure folds the weights' scores into its groups' scores
-                structure.add_scores(i, out)
-                continue
-            keys.append(self._keys_(i, out, pruned_before[i]))
-        self.peak_score_bytes = max(self.peak_score_bytes, peak)
-        if not weight_level:
-            structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
-                                           if counts.per_row is not None else None))
-            masks.pruned_count = structure.pruned_weights(counts.total)
-        elif counts.per_row is not None:
-            for i, (key, per_row) in enumerate(zip(keys, counts.per_row)):
-                self._store_rows(key, i, per_row)
-            masks.pruned_count = counts.total
-        elif counts.per_layer is not None:
-            for i, (key, count) in enumerate(zip(keys, counts.per_layer)):
-                self._store([key], count, first=i)
-            masks.pruned_count = counts.total
-        else:
-            self._store(keys, counts.total, first=0)
-            masks.pruned_count = counts.total
+                self._store(keys, counts.total, first=0, counted=counters)
+                masks.pruned_count = counts.total
+        finally:
+            if counters is not None:
+                counters.close()
         del keys, out
         for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
         masks.zero_pruned_weights_and_states(self.optimizer, done=frozenset(self._zeroed))
+
+    def _first_histogram(self) -> Counters | None:
+        """Counters for the selection's first histogram, where the C passes will run it (the CPU, a large pool)."""
+        params = self.masks.params
+        if self.masks.numel <= SMALL_SELECTION or any(p.device.type != "cpu" for p in params):
+            return None
+        return Counters(torch.get_num_threads()) if native_selection() else None
+
+    def _native_keys_(self, i: int, p: nn.Parameter, state: dict, out: torch.Tensor, any_pruned: bool,
+                      ctx: ScoreContext, counters: Counters | None) -> bool:
+        """Parameter i's selection keys written into `out` by one C pass (score, key, pruned weights lowest,
+        with `counters` the first histogram), for a score select.c has; False, nothing written, otherwise."""
+        method = self.method
+        if p.device.type != "cpu" or not isinstance(method, FunctionMethod) or not native_selection():
+            return False  # (a GPU: bitter8's arguments would read Adam's step from the device)
+        arguments = native_arguments(method.fn, state, ctx)
+        if arguments is None:
+            return False
+        formula, m, v, correction = arguments
+        pruned = self.masks.bits[i] if any_pruned else None
+        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters)
 
     def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
         """Parameter i's float32 scores turned in place into its int32 selection keys.
@@ -330,11 +370,16 @@ class Pruner:
             start = r0 * cols
             bits[start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
 
-    def _store(self, keys: list[torch.Tensor], k: int, first: int) -> None:
-        """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ..."""
+    def _store(self, keys: list[torch.Tensor], k: int, first: int, counted: Counters | None = None) -> None:
+        """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ...
+
+        `counted`: counters holding the keys' first histogram already."""
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
-        thr = kth_threshold(keys, k) if k else None
+        thr = kth_threshold(keys, k, first_histogram=counted) if k else None
+        first_index = sum(p.numel() for p in self.masks.params[:first])
+        if thr is not None:  # on the CPU, the usual few tied keys are settled in the keys (the same choice)
+            thr = settle_ties_(keys, thr, first_index)
         indices = range(first, first + len(keys))
         if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
                                                [self.masks.zero_targets(self.masks.params[i], self.optimizer)
@@ -345,7 +390,6 @@ class Pruner:
             self.masks.bits[first + j].zero_()
         if thr is not None:
             # Ties are broken by a hash of each weight's index in the whole pool, whichever layers are selected.
-            first_index = sum(p.numel() for p in self.masks.params[:first])
             chunk = chunk_size(keys[0].device)  # cache-sized on CPUs, whole tensors on GPUs (fewer launches)
             for j, start, selected in iter_selection(keys, thr, chunk=chunk, first_index=first_index):
                 self.masks.bits[first + j][start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)

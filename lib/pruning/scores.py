@@ -141,13 +141,16 @@ def bitter8(w, state, out, ctx) -> None:
     m, _ = _moments(state)
     if m is None:
         return magnitude(w, state, out, ctx)
+    torch.abs(m, out=out)
+    out.div_(_bias_correction(state, ctx)).add_(EPS).sqrt_().mul_(w).abs_()
+
+
+def _bias_correction(state: dict, ctx: ScoreContext) -> float | torch.Tensor:
+    """1 - beta1^t, Adam's first-moment bias correction at the state's step."""
     t = state.get("step", ctx.step)
     if torch.is_tensor(t):  # kept as a tensor: a fused Adam's step is on the GPU, and reading it would wait
-        correction = 1.0 - torch.pow(ctx.beta1, t.double().clamp_min(1.0))
-    else:
-        correction = 1.0 - ctx.beta1 ** max(float(t), 1.0)
-    torch.abs(m, out=out)
-    out.div_(correction).add_(EPS).sqrt_().mul_(w).abs_()
+        return 1.0 - torch.pow(ctx.beta1, t.double().clamp_min(1.0))
+    return 1.0 - ctx.beta1 ** max(float(t), 1.0)
 
 
 def bitter9(w, state, out, ctx) -> None:
@@ -157,6 +160,28 @@ def bitter9(w, state, out, ctx) -> None:
         return magnitude(w, state, out, ctx)
     bitter3(w, state, out, ctx)
     out.sub_(_mtz(w, m, v).mul_(0.1))
+
+
+# The scores lib/pruning/select.c computes too, with the moments each reads (m: exp_avg, v: exp_avg_sq).
+# On the CPU a mask update turns them into selection keys in one C pass (selection.score_keys) instead
+# of the torch operations above: same formulas, correctly rounded square roots.
+NATIVE_READS: dict[ScoreFn, str] = {magnitude: "", bitter0: "mv", bitter3: "m", bitter5: "mv", bitter6: "mv",
+                                    bitter7: "v", bitter8: "m", bitter9: "mv"}
+
+
+def native_arguments(fn: ScoreFn, state: dict, ctx: ScoreContext):
+    """(formula, m, v, correction) for selection.score_keys, or None for a score select.c does not have.
+
+    Before Adam has the moments a formula reads, the formula is magnitude, as the torch function's fallback.
+    """
+    reads = NATIVE_READS.get(fn)
+    if reads is None:
+        return None
+    m, v = _moments(state)
+    if ("m" in reads and m is None) or ("v" in reads and v is None):
+        return "magnitude", None, None, 1.0
+    correction = float(_bias_correction(state, ctx)) if fn is bitter8 else 1.0
+    return fn.__name__, m if "m" in reads else None, v if "v" in reads else None, correction
 
 
 # Derived from the tables in lib/pruning/registry.py: nothing to edit here when a variant is added.

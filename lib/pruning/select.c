@@ -1,25 +1,34 @@
 /* kprune's exact selection on the CPU (lib/pruning/selection.py, lib/pruning/pruner.py).
  *
- * kprune_histogram: the two radix-histogram passes that find the k-th key.
+ * kprune_score_keys: an element-wise score (lib/pruning/scores.py's formulas, one rounding per
+ * operation in the same order; square roots correctly rounded) turned into its int32 selection
+ * key, pruned weights given the lowest key, and optionally the first radix histogram counted,
+ * all in one pass that reads the weight and the optimizer states it needs and writes the key.
+ * kprune_histogram: the radix-histogram passes that find the k-th key.
+ * kprune_find_equal: where the keys equal to the threshold are, when only some of them are selected.
  * kprune_select_store: the pass after them, when every key equal to the threshold is
  * selected: the mask bits (key <= threshold, 8 to a byte, least significant bit first)
  * and the zeroing of each selected weight and its optimizer states, in one pass.
+ * kprune_nm_cap: the N:M structure's cap on the keys.
  *
  * Keys are int32. Pass 1 counts every key by its top 16 bits (bin = (key >> 16) + 32768);
- * pass 2 counts, by their low 16 bits, only the keys whose top 16 bits are `high`. Each
+ * pass 2 counts, by their low 16 bits, only the keys whose top 16 bits are `high` (low_pass 2:
+ * few keys lie in that bin, so groups of keys with none of them are skipped; low_pass 1: many do). Each
  * pass reads the keys once and writes nothing else: what torch's version (shift, add,
  * compare, gather, bincount with its own min/max passes) did in several.
  *
- * `threads` POSIX threads each count a contiguous range into their own 65,536 bins,
- * which are then added into `hist` (int64, 65,536 bins, not cleared here). Returns -1,
- * counting nothing, if the counters cannot be allocated.
+ * The counts go into counters (kprune_counters_new): each of up to `threads` POSIX threads
+ * counts a contiguous range into its own COPIES x 65,536 uint32 bins, across every tensor of
+ * a pass; kprune_counters_take adds them into `hist` (int64, 65,536 bins) once per pass.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define BINS 65536
+#define STRIDE (BINS + 16)          /* one copy's counters: the bins, then the slot keys outside pass 2's bin go to */
 #define MAX_THREADS 64
 
 /* fn over work[0..threads): threads 1.. each on a POSIX thread, work[0] here; a range whose thread
@@ -39,70 +48,258 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
         pthread_join(ids[i], NULL);
 }
 
+/* Pruned weights all carry one key and often half the weights are pruned: counting them into one
+ * counter makes every increment wait for the one before. COPIES counters per bin, used in turn,
+ * let COPIES increments of a hot bin run at once; they are added up at the end. */
+#define COPIES 4
+
+typedef struct {
+    int threads;
+    uint32_t *sub;                  /* threads x COPIES x STRIDE */
+} counters;
+
+/* Counters for passes of up to `threads` threads; NULL if there is no memory. A thread's uint32
+ * counters hold at most the keys it counts / COPIES: kprune's pools are below 2**32 weights. */
+void *kprune_counters_new(int threads)
+{
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    counters *c = malloc(sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->threads = threads;
+    c->sub = calloc((size_t)threads * COPIES * STRIDE, sizeof(uint32_t));
+    if (c->sub == NULL) {
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* hist += every count so far; returns how many of the keys of a pass 1 were exactly 0. The counters
+ * start again from zero. */
+int64_t kprune_counters_take(void *handle, int64_t *hist)
+{
+    counters *c = handle;
+    int64_t zeros = 0;
+    for (int64_t j = 0; j < (int64_t)c->threads * COPIES; j++) {
+        uint32_t *s = c->sub + j * STRIDE;
+        for (int b = 0; b < BINS; b++)
+            hist[b] += s[b];
+        zeros += s[BINS + 1];       /* ZEROS (defined with pass 1 below) */
+    }
+    memset(c->sub, 0, (size_t)c->threads * COPIES * STRIDE * sizeof(uint32_t));
+    return zeros;
+}
+
+void kprune_counters_free(void *handle)
+{
+    counters *c = handle;
+    if (c != NULL)
+        free(c->sub);
+    free(c);
+}
+
+/* Threads for a pass over n elements with these counters: one below `small` elements, where a
+ * thread costs more than it saves. */
+static int pass_threads(int threads, const counters *c, int64_t n, int64_t small)
+{
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (c != NULL && threads > c->threads) threads = c->threads;
+    if (threads < 1 || n < small) threads = 1;
+    return threads;
+}
+
+/* [begin, end) of thread i of `threads` over n elements, in whole cache lines (64 elements). */
+static void thread_range(int64_t n, int threads, int i, int64_t *begin, int64_t *end)
+{
+    int64_t per = ((n + threads - 1) / threads + 63) / 64 * 64;
+    *begin = per * i < n ? per * i : n;
+    *end = per * (i + 1) < n ? per * (i + 1) : n;
+}
+
+/* Pass 1 over keys [begin, end): each counted in the bin of its top 16 bits, and the keys that
+ * are exactly 0 (scores of exactly +0.0) in the ZEROS slot: when the k-th key's bin holds nothing
+ * else, it is 0 and pass 2 is not needed (the weights an earlier pruning zeroed, SPT's unexplored). */
+#define ZEROS (BINS + 1)
+
+static inline void count_high(uint32_t *restrict s, const int32_t *restrict k, int64_t begin, int64_t end)
+{
+    int64_t i = begin;
+    uint32_t zeros = 0;
+    for (; i + COPIES <= end; i += COPIES)
+        for (int c = 0; c < COPIES; c++) {
+            s[c * STRIDE + (k[i + c] >> 16) + 32768]++;
+            zeros += k[i + c] == 0;
+        }
+    for (; i < end; i++) {
+        s[(k[i] >> 16) + 32768]++;
+        zeros += k[i] == 0;
+    }
+    s[ZEROS] += zeros;
+}
+
 typedef struct {
     const int32_t *keys;
     int64_t begin, end;
     int low_pass;
     int32_t high;
-    int64_t *hist;
-    uint32_t *sub;                  /* COPIES x BINS counts of this thread's own */
+    uint32_t *sub;                  /* COPIES x STRIDE counts of this thread's own */
 } hist_work;
 
-/* Pruned weights all carry one key and often half the weights are pruned: counting them into one
- * counter makes every increment wait for the one before. COPIES counters per bin, used in turn,
- * let COPIES increments of a hot bin run at once; they are added up at the end. */
-#define COPIES 4
+#define GROUP 32                    /* keys tested at once in pass 2 (two 64-byte vectors of keys) */
 
 static void *count(void *arg)
 {
     hist_work *w = arg;
     const int32_t *restrict k = w->keys;
     uint32_t *restrict s = w->sub;
-    int64_t i = w->begin;
     if (!w->low_pass) {
-        for (; i + COPIES <= w->end; i += COPIES)
-            for (int c = 0; c < COPIES; c++)
-                s[c * BINS + (k[i + c] >> 16) + 32768]++;
-        for (; i < w->end; i++)
-            s[(k[i] >> 16) + 32768]++;
+        count_high(s, k, w->begin, w->end);
+        return NULL;
+    }
+    const int32_t high = w->high;
+    int64_t i = w->begin;
+    if (w->low_pass == 2) {
+        /* Most keys lie outside the bin: a vectorised test of GROUP keys at a time, and only a group
+         * that holds one of the bin's keys is counted (one L1-resident counter per key of the bin,
+         * instead of a read-modify-write of a random counter of 1 MiB for every key). */
+        for (; i + GROUP <= w->end; i += GROUP) {
+            int inside = 0;
+            for (int j = 0; j < GROUP; j++)
+                inside |= (k[i + j] >> 16) == high;
+            if (inside)
+                for (int j = 0; j < GROUP; j++)
+                    if ((k[i + j] >> 16) == high)
+                        s[k[i + j] & 0xFFFF]++;
+        }
     } else {
-        const int32_t high = w->high;
-        /* Branch-free: a key outside the bin adds 0 (which keys are inside is unpredictable). */
+        /* Branch-free (which keys are inside is unpredictable when many are): a key outside the
+         * bin is counted in the slot past the bins, which stays in L1 like the hot bins (adding 0 to
+         * the bin of its low bits instead would touch a random counter of 1 MiB for every key). */
         for (; i + COPIES <= w->end; i += COPIES)
-            for (int c = 0; c < COPIES; c++)
-                s[c * BINS + (k[i + c] & 0xFFFF)] += (k[i + c] >> 16) == high;
-        for (; i < w->end; i++)
-            s[k[i] & 0xFFFF] += (k[i] >> 16) == high;
+            for (int c = 0; c < COPIES; c++) {
+                int32_t inside = -(int32_t)((k[i + c] >> 16) == high);  /* all ones or zero: no branch */
+                s[c * STRIDE + ((k[i + c] & 0xFFFF & inside) | (BINS & ~inside))]++;
+            }
+    }
+    for (; i < w->end; i++)
+        s[k[i] & 0xFFFF] += (k[i] >> 16) == high;
+    return NULL;
+}
+
+void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads)
+{
+    counters *c = handle;
+    threads = pass_threads(threads, c, n, (int64_t)1 << 18);
+    hist_work work[MAX_THREADS];
+    for (int i = 0; i < threads; i++) {
+        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE};
+        thread_range(n, threads, i, &work[i].begin, &work[i].end);
+    }
+    run_parallel(count, work, sizeof work[0], threads);
+}
+
+/* The element-wise scores of lib/pruning/scores.py, in their order of operations. */
+enum { MAGNITUDE, BITTER0, BITTER3, BITTER5, BITTER6, BITTER7, BITTER8, BITTER9 };
+#define EPS 1e-8f
+
+static inline float sgn(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+static inline float bitter3_(float w, float m) { return fabsf(sqrtf(fabsf(m) + EPS) * w); }
+static inline float mtz(float w, float m, float v) { return sgn(w) * m / (sqrtf(v) + EPS); }
+
+typedef struct {
+    int formula;
+    const float *w, *m, *v;
+    int32_t *keys;
+    const uint8_t *pruned;
+    int64_t begin, end;
+    float correction;
+    uint32_t *sub;                  /* NULL: no histogram */
+} score_work;
+
+#define SCORE_LOOP(EXPR)                                                \
+    for (int64_t i = b0; i < b1; i++) {                                 \
+        float s = (EXPR);                                               \
+        int32_t bits;                                                   \
+        memcpy(&bits, &s, sizeof bits);                                 \
+        k[i] = bits ^ ((bits >> 31) & 0x7FFFFFFF);                      \
+    }
+
+#define SCORE_BLOCK 2048            /* keys of a block stay in L1 for the pruned and counting loops */
+
+static void *score_keys(void *arg)
+{
+    const score_work *a = arg;
+    const float *restrict w = a->w, *restrict m = a->m, *restrict v = a->v;
+    int32_t *restrict k = a->keys;
+    const float corr = a->correction;
+    for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
+        int64_t b1 = b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end;
+        switch (a->formula) {
+        case MAGNITUDE: SCORE_LOOP(fabsf(w[i])) break;
+        case BITTER0: SCORE_LOOP(w[i] * w[i] * fabsf(m[i]) / (sqrtf(v[i]) + EPS)) break;
+        case BITTER3: SCORE_LOOP(bitter3_(w[i], m[i])) break;
+        case BITTER5: SCORE_LOOP(fabsf(w[i]) * 0.1f - mtz(w[i], m[i], v[i])) break;
+        case BITTER6: SCORE_LOOP(bitter3_(w[i], m[i]) * sqrtf(m[i] * m[i] / (v[i] + EPS))) break;
+        case BITTER7: SCORE_LOOP(fabsf(sqrtf(sqrtf(fabsf(v[i]) + EPS)) * w[i])) break;
+        case BITTER8: SCORE_LOOP(fabsf(sqrtf(fabsf(m[i]) / corr + EPS) * w[i])) break;
+        case BITTER9: SCORE_LOOP(bitter3_(w[i], m[i]) - mtz(w[i], m[i], v[i]) * 0.1f) break;
+        }
+        if (a->pruned != NULL)      /* pruned stays pruned: the lowest key */
+            for (int64_t i = b0; i < b1; i++)
+                k[i] = (a->pruned[i >> 3] >> (i & 7)) & 1 ? INT32_MIN : k[i];
+        if (a->sub != NULL)
+            count_high(a->sub, k, b0, b1);
     }
     return NULL;
 }
 
-int kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, int64_t *hist, int threads)
+/* Keys of n weights by `formula` (m, v: the optimizer's moments, NULL where the formula reads none;
+ * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters.
+ * Returns -1 for an unknown formula, writing nothing. */
+int kprune_score_keys(int formula, const float *w, const float *m, const float *v, int32_t *keys,
+                      const uint8_t *pruned, int64_t n, float correction, void *handle, int threads)
 {
-    /* A thread's uint32 counters hold at most its range / COPIES (+1) keys: ranges are capped below. */
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads < 1 || n < (int64_t)1 << 18)  /* a thread's own bins cost more than it saves below this */
-        threads = 1;
-    const int64_t cap = (int64_t)1 << 32;  /* keys per range: COPIES x 2**30, far within uint32 */
-    int64_t ranges = (n + cap - 1) / cap;
-    if (ranges > threads)
-        threads = ranges < MAX_THREADS ? (int)ranges : MAX_THREADS;
-    hist_work work[MAX_THREADS];
-    uint32_t *sub = calloc((size_t)threads * COPIES * BINS, sizeof(uint32_t));
-    if (sub == NULL)
+    if (formula < MAGNITUDE || formula > BITTER9)
         return -1;
-    int64_t per = (n + threads - 1) / threads;
+    counters *c = handle;
+    threads = pass_threads(threads, c, n, (int64_t)1 << 16);
+    score_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
-        int64_t begin = per * i < n ? per * i : n, end = per * (i + 1) < n ? per * (i + 1) : n;
-        work[i] = (hist_work){keys, begin, end, low_pass, high, hist, sub + (int64_t)i * COPIES * BINS};
+        work[i] = (score_work){formula, w, m, v, keys, pruned, 0, 0, correction,
+                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL};
+        thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
-    run_parallel(count, work, sizeof work[0], threads);
-    for (int64_t j = 0; j < (int64_t)threads * COPIES; j++)
-        for (int b = 0; b < BINS; b++)
-            hist[b] += sub[j * BINS + b];
-    free(sub);
+    run_parallel(score_keys, work, sizeof work[0], threads);
     return 0;
+}
+
+/* kprune_find_equal: the positions (offset + i) of the keys equal to `key`, in order, into
+ * out[0..max); returns how many there are (also those beyond max). One pass, GROUP keys tested at
+ * once: there are few. */
+int64_t kprune_find_equal(const int32_t *keys, int64_t n, int32_t key, int64_t offset, int64_t *out, int64_t max)
+{
+    int64_t found = 0, i = 0;
+    for (; i + GROUP <= n; i += GROUP) {
+        int hit = 0;
+        for (int j = 0; j < GROUP; j++)
+            hit |= keys[i + j] == key;
+        if (hit)
+            for (int j = 0; j < GROUP; j++)
+                if (keys[i + j] == key) {
+                    if (found < max)
+                        out[found] = offset + i + j;
+                    found++;
+                }
+    }
+    for (; i < n; i++)
+        if (keys[i] == key) {
+            if (found < max)
+                out[found] = offset + i;
+            found++;
+        }
+    return found;
 }
 
 typedef struct {

@@ -32,7 +32,7 @@ from lib import native
 
 INT32_MIN = -(2 ** 31)
 _CHUNK = 1 << 20  # elements per chunk: the temporaries of each pass stay in cache
-_SMALL = 1 << 18  # up to this many keys, sort instead of histogramming
+SMALL_SELECTION = 1 << 18  # up to this many keys, sort instead of histogramming
 
 
 def floats_to_keys_(buffer: torch.Tensor) -> torch.Tensor:
@@ -64,22 +64,60 @@ def _first_bin_reaching(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, below
 
 
-def kth_threshold(keys: list[torch.Tensor], k: int) -> Threshold:
-    """Exact threshold for the k lowest of the flat int32 tensors `keys`, taken together (1 <= k <= total)."""
+def kth_threshold(keys: list[torch.Tensor], k: int, first_histogram: "Counters | None" = None) -> Threshold:
+    """Exact threshold for the k lowest of the flat int32 tensors `keys`, taken together (1 <= k <= total).
+
+    `first_histogram`: counters that already hold the first histogram of exactly these keys
+    (counted while the keys were written: score_keys); it is used, and closed, here.
+    """
     n = sum(t.numel() for t in keys)
-    lib = _native() if n > _SMALL and all(_native_ready(t) for t in keys) else None
+    lib = _native() if n > SMALL_SELECTION and all(_native_ready(t) for t in keys) else None
     if lib is None:
+        if first_histogram is not None:
+            first_histogram.close()
         return _kth(lambda: _chunks(keys), n, k, keys[0].device)
     _check_k(k, n)
     threads = torch.get_num_threads()
+    with first_histogram or Counters(threads) as counters:
+        counted = first_histogram is not None
 
-    def histogram(hist: torch.Tensor, high: int | None) -> None:
-        for t in keys:  # one C pass per tensor, reading each key once
-            if lib.kprune_histogram(t.data_ptr(), t.numel(), int(high is not None), high or 0, hist.data_ptr(),
-                                    threads):
-                raise MemoryError("no memory for the selection's histogram counters")
+        def histogram(hist: torch.Tensor, high: int | None, inside: int) -> int:
+            nonlocal counted
+            if not counted:
+                # pass 2 skips groups of keys outside the bin when few keys are inside it (an eighth at most)
+                kind = 0 if high is None else 2 if inside * 8 <= n else 1
+                for t in keys:  # one C pass per tensor, reading each key once
+                    lib.kprune_histogram(t.data_ptr(), t.numel(), kind, high or 0, counters.handle, threads)
+            counted = False
+            return counters.take(hist)
 
-    return _radix(histogram, k)
+        return _radix(histogram, k)
+
+
+class Counters:
+    """The C histogram's per-thread counters (1 MiB a thread), kept over the passes of one selection."""
+
+    def __init__(self, threads: int):
+        self.lib = _native()
+        self.handle = self.lib.kprune_counters_new(threads)
+        if not self.handle:
+            raise MemoryError("no memory for the selection's histogram counters")
+
+    def take(self, hist: torch.Tensor) -> int:
+        """hist (int64, 65,536 bins) += every count so far; returns how many keys of a first histogram
+        were exactly 0. The counters start again from zero."""
+        return self.lib.kprune_counters_take(self.handle, hist.data_ptr())
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.kprune_counters_free(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "Counters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 _NATIVE: ctypes.CDLL | None = None
@@ -92,17 +130,109 @@ def _native() -> ctypes.CDLL | None:
     global _NATIVE, _NATIVE_FAILED
     if _NATIVE is None and not _NATIVE_FAILED:
         try:
-            _NATIVE = native.build(Path(__file__).with_name("select.c"))
-            _NATIVE.kprune_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int32,
-                                                 ctypes.c_void_p, ctypes.c_int]
-            _NATIVE.kprune_select_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
-                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-            _NATIVE.kprune_nm_cap.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                                              ctypes.c_int, ctypes.c_int]
-            _NATIVE.kprune_nm_cap.restype = None
+            lib = native.build(Path(__file__).with_name("select.c"))
         except native.BuildError:
             _NATIVE_FAILED = True
+            return None
+        ptr, i64, i32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int
+        signatures = {
+            "kprune_counters_new": ([cint], ptr),
+            "kprune_counters_take": ([ptr, ptr], i64),
+            "kprune_counters_free": ([ptr], None),
+            "kprune_histogram": ([ptr, i64, cint, i32, ptr, cint], None),
+            "kprune_score_keys": ([cint, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, cint], cint),
+            "kprune_find_equal": ([ptr, i64, i32, i64, ptr, i64], i64),
+            "kprune_select_store": ([ptr, i64, i32, ptr, ptr, cint, cint], cint),
+            "kprune_nm_cap": ([ptr, i64, cint, i64, cint, cint], None),
+        }
+        for name, (args, result) in signatures.items():
+            getattr(lib, name).argtypes = args
+            getattr(lib, name).restype = result
+        _NATIVE = lib
     return _NATIVE
+
+
+# select.c's formulas (its enum, in this order), by the score function's name in lib/pruning/scores.py
+NATIVE_FORMULAS = {name: i for i, name in enumerate(
+    ["magnitude", "bitter0", "bitter3", "bitter5", "bitter6", "bitter7", "bitter8", "bitter9"])}
+
+
+def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, out: torch.Tensor,
+               pruned_bits: torch.Tensor | None, correction: float = 1.0, counters: Counters | None = None) -> bool:
+    """scores.<formula> of w written into `out` as selection keys, in one C pass per tensor.
+
+    The values are the torch formula's, one rounding per operation in its order, except that the
+    square roots are correctly rounded (torch's CPU square root may be one unit off in the last
+    place); the keys are what floats_to_keys_ makes of them; pruned weights (`pruned_bits`, packed
+    as MaskSet keeps them) get the lowest key; with `counters`, the keys' first histogram is
+    counted in the same pass. m and v are Adam's moments (None where the formula reads neither),
+    `correction` bitter8's 1 - beta1^t.
+
+    False, writing nothing, where the C pass cannot serve (not on the CPU, not contiguous float32,
+    no C compiler, a formula it does not have): the caller scores with torch then.
+    """
+    lib = _native()
+    tensors = [t for t in (w, m, v, out) if t is not None]
+    if lib is None or formula not in NATIVE_FORMULAS or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
+            for t in tensors):
+        return False
+    if pruned_bits is not None and not (pruned_bits.device.type == "cpu" and pruned_bits.dtype == torch.uint8
+                                        and pruned_bits.is_contiguous()):
+        return False
+
+    def address(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    return lib.kprune_score_keys(NATIVE_FORMULAS[formula], address(w), address(m), address(v), address(out),
+                                 address(pruned_bits), w.numel(), correction,
+                                 counters.handle if counters else None, torch.get_num_threads()) == 0
+
+
+def native_selection() -> bool:
+    """Whether select.c's passes serve here (a C compiler built them)."""
+    return _native() is not None
+
+
+def count_first_histogram(key: torch.Tensor, counters: Counters) -> None:
+    """Add the CPU int32 keys `key` (written by torch, not score_keys) to the counters' first histogram."""
+    _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads())
+
+
+TIES_SETTLED_AT_MOST = 1 << 20  # tied keys settle_ties_ takes on (8 MiB of positions); beyond, iter_selection
+
+
+def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0) -> Threshold:
+    """Break the threshold's tie in the keys themselves, so that every key equal to it is selected.
+
+    Of the keys equal to thr.key, those iter_selection would not take (all but the thr.ties whose
+    global indices hash lowest) are raised to thr.key + 1, a key above the threshold: then
+    selecting `key <= threshold` (store_selection's one pass) selects what iter_selection would.
+    Where the keys are on the CPU and there are at most TIES_SETTLED_AT_MOST tied keys (one C pass
+    finds them); otherwise `thr` is returned unchanged. The keys are the update's scratch scores.
+    """
+    lib = _native()
+    if thr.ties == thr.equal or thr.equal > TIES_SETTLED_AT_MOST or thr.key == 2 ** 31 - 1 or lib is None \
+            or not all(_native_ready(k) for k in keys):
+        return thr
+    total = first_index + sum(k.numel() for k in keys)
+    if total > 1 << 32:
+        return thr  # iter_selection says why no more weights can be pruned as one pool
+    where = torch.empty(thr.equal, dtype=torch.int64)
+    found, offset = 0, first_index
+    for k in keys:
+        found += lib.kprune_find_equal(k.data_ptr(), k.numel(), thr.key, offset, where[found:].data_ptr(),
+                                       thr.equal - found)
+        offset += k.numel()
+    assert found == thr.equal, "selection bug: the tied keys were miscounted"
+    hashes = tie_hash(where)
+    left = where[hashes > torch.sort(hashes).values[thr.ties - 1]]  # the tied keys iter_selection leaves
+    offset = first_index
+    for k in keys:
+        local = left[(left >= offset) & (left < offset + k.numel())] - offset
+        k.index_fill_(0, local, thr.key + 1)
+        offset += k.numel()
+    return Threshold(key=thr.key, ties=thr.ties, equal=thr.ties)
 
 
 def store_selection(keys: list[torch.Tensor], thr: Threshold, bits: list[torch.Tensor],
@@ -150,7 +280,7 @@ def _kth(chunks, n: int, k: int, device: torch.device) -> Threshold:
     The chunks are read, never written.
     """
     _check_k(k, n)
-    if n <= _SMALL:
+    if n <= SMALL_SELECTION:
         # Below this size a sort (of a small concatenation) is cheaper than two 65,536-bin histograms.
         ordered = torch.sort(torch.cat(list(chunks()))).values
         key = int(ordered[k - 1])
@@ -158,7 +288,7 @@ def _kth(chunks, n: int, k: int, device: torch.device) -> Threshold:
         equal = int(torch.searchsorted(ordered, key, right=True)) - below
         return Threshold(key=key, ties=k - below, equal=equal)
 
-    def histogram(hist: torch.Tensor, high: int | None) -> None:
+    def histogram(hist: torch.Tensor, high: int | None, inside: int) -> None:  # (no count of zero keys)
         for chunk in chunks():
             if high is None:
                 hist += torch.bincount((chunk >> 16).add_(1 << 15), minlength=1 << 16)
@@ -171,15 +301,19 @@ def _kth(chunks, n: int, k: int, device: torch.device) -> Threshold:
 
 
 def _radix(histogram, k: int, device: torch.device | str = "cpu") -> Threshold:
-    """The k-th key from two 65,536-bin counts: `histogram(hist, None)` adds every key to the bin of its
-    top 16 bits (offset by 2**15), `histogram(hist, high)` the keys whose top 16 bits are `high` to the
-    bin of their low 16 bits."""
+    """The k-th key from two 65,536-bin counts: `histogram(hist, None, 0)` adds every key to the bin of its
+    top 16 bits (offset by 2**15) and returns how many keys are exactly 0 (or None if it does not count
+    them), `histogram(hist, high, inside)` the keys whose top 16 bits are `high` (`inside` of them) to
+    the bin of their low 16 bits."""
     hist = torch.zeros(1 << 16, dtype=torch.int64, device=device)
-    histogram(hist, None)
+    zeros = histogram(hist, None, 0)
     high, below = _first_bin_reaching(hist, k)
+    inside = int(hist[high])
     high_signed = high - (1 << 15)
+    if high_signed == 0 and zeros == inside:  # the bin holds only keys 0 (C passes count them): no pass 2
+        return Threshold(key=0, ties=k - below, equal=zeros)
     hist.zero_()
-    histogram(hist, high_signed)
+    histogram(hist, high_signed, inside)
     low, below_low = _first_bin_reaching(hist, k - below)
     return Threshold(key=(high_signed << 16) | low, ties=k - below - below_low, equal=int(hist[low]))
 

@@ -111,6 +111,7 @@ class Structure:
     kind = "unstructured"
     group = "weight"
     weight_level = True  # the selection runs over the weights' own keys (else over group keys)
+    restricts = False  # restrict_ changes keys (the keys' histogram cannot be counted while they are written)
 
     def split(self, named_params: list[tuple[str, nn.Parameter]]):
         """(the pool, [{"name", "reason"}] of the parameters this structure cannot tile)."""
@@ -167,6 +168,7 @@ class Structure:
 
 class NM(Structure):
     kind = "nm"
+    restricts = True
 
     def __init__(self, n: int, m: int):
         if m not in NM_GROUP_LENGTHS or not 1 <= n < m:

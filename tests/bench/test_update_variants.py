@@ -1,4 +1,5 @@
-"""bench/update_variants.py: every way of running the mask update selects the same weights."""
+"""bench/update_variants.py: every way of running the mask update selects the same weights (up to the
+square roots' last unit between select.c's pass and torch's scores)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ def test_every_variant_of_the_update_selects_the_same_weights_and_reports_its_ra
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["same_masks"] is True  # C histograms, C store and score pieces change nothing selected
-    for name in ("now", "whole_scores", "torch_store", "before"):
+    differing = out["differing_masks"]
+    # C histograms, C store and score pieces change nothing selected; select.c's scores differ from torch's
+    # in the last unit of a square root at most, which moves a weight within a unit of the threshold at most
+    # (a wrong formula would move about half of them).
+    assert differing["whole_scores"] == differing["torch_store"] == differing["before"] == 0
+    assert differing["torch_scores"] <= out["params"] // 10_000
+    for name in ("now", "torch_scores", "whole_scores", "torch_store", "before"):
         assert out[f"{name}_s"] > 0
         assert out[f"{name}_vs_stream"] == pytest.approx(out[f"{name}_s"] / out["stream_s"], rel=0.05, abs=0.01)

@@ -13,3 +13,10 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_scores(monkeypatch):
+    """Score with torch operations even where select.c's one C pass would (the CPU): the path a GPU
+    takes, and a machine without a C compiler."""
+    monkeypatch.setattr("lib.pruning.pruner.Pruner._native_keys_", lambda *args, **kwargs: False)

@@ -187,7 +187,7 @@ def test_kth_threshold_is_the_kth_key_with_ties():
 
 @pytest.mark.parametrize("native", [True, False], ids=["c-histogram", "torch-histogram"])
 def test_large_selection_matches_brute_force_on_the_histogram_path(native, monkeypatch, request):
-    # More than _SMALL keys (histograms, not a sort), one tensor longer than a chunk, negative
+    # More than SMALL_SELECTION keys (histograms, not a sort), one tensor longer than a chunk, negative
     # scores, values that share their top 16 bits, and heavy exact ties at every threshold tried.
     # Both ways of counting: lib/pruning/select.c (the CPU's) and torch's (other devices, no compiler).
     if native:
@@ -203,7 +203,7 @@ def test_large_selection_matches_brute_force_on_the_histogram_path(native, monke
     g = torch.Generator().manual_seed(7)
     sizes = [selection._CHUNK + 4099, 70_001, 3, 150_000]
     n = sum(sizes)
-    assert n > selection._SMALL and max(sizes) > selection._CHUNK
+    assert n > selection.SMALL_SELECTION and max(sizes) > selection._CHUNK
     flat = torch.randint(-40, 40, (n,), generator=g).float() * 0.125            # 640 distinct values, ties
     fine = torch.rand(n, generator=g) < 0.3
     flat[fine] = (1.0 + torch.randint(0, 300, (int(fine.sum()),), generator=g) * 2 ** -20)  # same high bits
@@ -218,7 +218,7 @@ def test_large_selection_matches_brute_force_on_the_histogram_path(native, monke
 
 
 def test_many_ties_take_the_histogram_path_for_the_hashes_too():
-    n = selection._SMALL * 2 + 1001
+    n = selection.SMALL_SELECTION * 2 + 1001
     flat = torch.zeros(n)
     flat[::7] = -1.0
     flat[1::11] = 2.5
@@ -226,7 +226,7 @@ def test_many_ties_take_the_histogram_path_for_the_hashes_too():
     sizes = [n // 3, n - n // 3]
     k = n // 2
     thr = kth_threshold(list(keys.split(sizes)), k)
-    assert thr.equal > selection._SMALL  # more tied keys than the sort path takes
+    assert thr.equal > selection.SMALL_SELECTION  # more tied keys than the sort path takes
     got = _select(keys, sizes, k)
     assert int(got.sum()) == k and torch.equal(got, _brute_force(keys, k))
 
@@ -343,3 +343,47 @@ def test_pruner_update_matches_brute_force(score):
     assert int(got2.sum()) == target_count(0.6, pruner.numel)
     assert torch.equal(got2, want)
     assert not (got & ~got2).any()
+
+
+@pytest.mark.parametrize("first_index", [0, 12_345])
+def test_ties_settled_in_the_keys_select_what_iter_selection_selects(first_index):
+    # Keys from a small range: every threshold has many tied keys, of which only some are taken.
+    g = torch.Generator().manual_seed(3)
+    sizes = [300_001, 77, 190_000]
+    for k in (1, 5_000, 250_000, 489_000):
+        keys = [torch.randint(-50, 50, (n,), generator=g, dtype=torch.int32) for n in sizes]
+        thr = selection.kth_threshold(keys, k)
+        assert thr.ties < thr.equal  # a tie to break
+        expected = torch.cat([torch.cat([c for j, _, c in selection.iter_selection(keys, thr, first_index=first_index)
+                                         if j == i]) for i in range(len(keys))])
+        settled_keys = [t.clone() for t in keys]
+        settled = selection.settle_ties_(settled_keys, thr, first_index)
+        assert settled.ties == settled.equal == thr.ties and settled.key == thr.key
+        assert torch.equal(torch.cat(settled_keys) <= thr.key, expected)
+        assert int(expected.sum()) == k
+
+
+def test_too_many_tied_keys_are_left_to_iter_selection(monkeypatch):
+    monkeypatch.setattr(selection, "TIES_SETTLED_AT_MOST", 10)
+    keys = [torch.zeros(1000, dtype=torch.int32)]
+    thr = selection.kth_threshold(keys, 500)
+    assert selection.settle_ties_(keys, thr) == thr and bool((keys[0] == 0).all())
+
+
+@pytest.mark.parametrize("others_in_the_zero_bin", [False, True])
+def test_a_threshold_among_exact_zeros_is_found_with_or_without_the_second_pass(others_in_the_zero_bin):
+    # Half the keys exactly 0 (the scores of weights an earlier pruning zeroed): the k-th key is 0 and the
+    # C passes skip the second histogram when its bin holds nothing else. With tiny positive keys in the
+    # same bin (subnormal scores) the second pass must run and find them.
+    g = torch.Generator().manual_seed(5)
+    n = selection.SMALL_SELECTION * 2
+    keys = torch.randint(1 << 20, 1 << 30, (n,), generator=g, dtype=torch.int32)
+    keys[torch.randperm(n, generator=g)[:n // 2]] = 0
+    if others_in_the_zero_bin:
+        keys[torch.randperm(n, generator=g)[:1000]] = torch.randint(1, 1 << 16, (1000,), generator=g,
+                                                                     dtype=torch.int32)
+    ordered = torch.sort(keys).values
+    for k in (1, n // 4, n // 2 - 500, n // 2 + 10):
+        thr = selection.kth_threshold([keys], k)
+        key = int(ordered[k - 1])
+        assert thr.key == key and thr.equal == int((keys == key).sum()) and thr.ties == k - int((keys < key).sum())

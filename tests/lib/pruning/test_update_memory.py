@@ -63,19 +63,21 @@ def _structure(kind: str, model: nn.Sequential) -> Structure:
     return {"unstructured": Structure, "nm": lambda: NM(2, 4), "block": lambda: Block(4, 4)}[kind]()
 
 
-def _updates(model: nn.Sequential, method: str, variant: str | None, kind: str, spent: bool, region: bool):
+def _updates(model: nn.Sequential, method: str, variant: str | None, kind: str, spent: bool, region: bool,
+             marked: str = "method.score"):
     """A pruner and the measured peaks of its two pruning mask updates (the second keeps the first's pruned weights)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pool = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
     pruner = Pruner(pool, Schedule("linear", start=1, end=3, final=0.5), build_method(method, variant, last_step=3),
                     opt, structure=_structure(kind, model))
-    if region:  # mark each weight's scoring, where the recorded score memory is held
-        score = pruner.method.score
+    if region:  # mark each weight's scoring (by torch: method.score; by select.c: _native_keys_)
+        owner, name = (pruner.method, "score") if marked == "method.score" else (pruner, marked)
+        score = getattr(owner, name)
 
-        def marked(*args):
+        def scoring(*args):
             with record_function("kprune.score"):
-                score(*args)
-        pruner.method.score = marked
+                return score(*args)
+        setattr(owner, name, scoring)
     x = torch.randn(4, model[0].in_features, dtype=model[0].weight.dtype)
     if method == "wanda":  # its calibration statistics are per column: the score itself allocates nothing
         names, params = zip(*pool)
@@ -95,14 +97,15 @@ def _updates(model: nn.Sequential, method: str, variant: str | None, kind: str, 
     return pruner, peaks
 
 
-def _measured_and_recorded(method, variant, kind, spent, sizes, chunk=None):
+def _measured_and_recorded(method, variant, kind, spent, sizes, chunk=None, marked="method.score"):
     model = _model(sizes)
     assert model[0].weight.numel() > 2 * (chunk or SCORE_CHUNK) > model[2].weight.numel()  # chunked and whole
-    pruner, peaks = _updates(model, method, variant, kind, spent, region=True)
+    pruner, peaks = _updates(model, method, variant, kind, spent, region=True, marked=marked)
     assert all(p.regions == len(pruner.masks.params) for p in peaks)  # every weight scored, every update
     return max(p.in_regions for p in peaks), pruner.peak_score_bytes
 
 
+@pytest.mark.usefixtures("torch_scores")  # the torch scores' intermediates; select.c's pass: further below
 @pytest.mark.parametrize("spent", [True, False], ids=["spent-gradients", "own-buffers"])
 @pytest.mark.parametrize("kind", STRUCTURES)
 @pytest.mark.parametrize("method, variant", METHODS, ids=[v or m for m, v in METHODS])
@@ -113,10 +116,26 @@ def test_recorded_update_peak_is_the_measured_score_memory(method, variant, kind
     assert abs(recorded - measured) <= SCALARS, (recorded, measured)
 
 
+@pytest.mark.usefixtures("torch_scores")
 @pytest.mark.parametrize("variant", ["bitter5", "bitter7"])
 def test_recorded_update_peak_is_the_measured_score_memory_at_the_real_chunk_size(variant):
     measured, recorded = _measured_and_recorded("state", variant, "unstructured", True, (512, 1280, 128))
     assert abs(recorded - measured) <= SCALARS, (recorded, measured)
+
+
+@pytest.mark.parametrize("spent", [True, False], ids=["spent-gradients", "own-buffers"])
+@pytest.mark.parametrize("kind", ["unstructured", "nm"])
+@pytest.mark.parametrize("method, variant", [m for m in METHODS if m[0] in ("magnitude", "state")],
+                         ids=[v or m for m, v in METHODS if m in ("magnitude", "state")])
+def test_the_c_score_pass_holds_nothing_beside_the_keys(method, variant, kind, spent, monkeypatch):
+    # On the CPU select.c turns every weight's score into its keys in one pass (every weight: the
+    # marked regions are select.c's, and a torch score would be a second region): no intermediate,
+    # so the peak is the score buffers alone, as recorded.
+    monkeypatch.setattr("lib.pruning.methods.FunctionMethod.score", None)  # must not be called
+    measured, recorded = _measured_and_recorded(method, variant, kind, spent, (128, 96, 32), chunk=SMALL_CHUNK,
+                                                marked="_native_keys_")
+    assert abs(recorded - measured) <= SCALARS, (recorded, measured)
+    assert recorded == (0 if spent else 4 * (128 * 96 + 96 * 32))  # own buffers: the keys of every weight
 
 
 def test_recorded_update_peak_counts_the_float32_copy_of_a_bfloat16_weight():
@@ -131,6 +150,7 @@ def test_recorded_update_peak_counts_the_float32_copy_of_a_bfloat16_weight():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("torch_scores")  # like with like: block and channel scores are torch's on the CPU too
 @pytest.mark.parametrize("kind", ["nm", "block", "channel"])
 def test_a_structured_update_allocates_no_score_sized_buffer_beyond_the_unstructured_one(kind):
     # Weights of 4M and 2M: one score buffer of the smaller (8 MiB) is above every chunk temporary.

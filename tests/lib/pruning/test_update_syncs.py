@@ -23,6 +23,9 @@ from lib.pruning.schedules import Schedule
 from lib.pruning.structure import NM, Block, Structure
 from lib.pruning.units import UnitFamily, Units, consecutive
 
+# What a GPU runs: the torch scores (on the CPU select.c's one pass scores instead, where no device waits).
+pytestmark = pytest.mark.usefixtures("torch_scores")
+
 # Tensor methods that give a tensor's value to Python: on a GPU, each waits for the device.
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
