@@ -54,6 +54,11 @@ def no_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, refuse)
 
 
+def test_the_stepped_tensors_are_gpt2_124ms():
+    shapes = gpu.layer_shapes(1.0) + gpu.other_shapes(1.0)
+    assert len(shapes) == 148 and sum(torch.Size(s).numel() for s in shapes) == 124_439_808
+
+
 def test_optimizer_step_costs_reports_every_figure_without_cuda(no_cuda):
     costs = gpu.optimizer_step_costs(CPU, 0.02, repeats=3, warmup=1)
     weights = sum(r * c for r, c in gpu.layer_shapes(0.02))
