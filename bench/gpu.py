@@ -57,6 +57,10 @@ def measured_tokens_per_s(run_dir: Path, skip_steps: int) -> float:
     return rates[len(rates) // 2]
 
 
+# An fp32 Adam step reads w, g, m, v and writes w, m, v: the least memory traffic it can have, per weight.
+STEP_BYTES_PER_WEIGHT = 7 * 4
+
+
 def other_shapes(scale: float) -> list[tuple[int, ...]]:
     """GPT-2's tensors besides layer_shapes' weight matrices, never pruned: per block two LayerNorms
     (weight, bias) and four Linear biases, the final LayerNorm and the position embedding. With
@@ -162,11 +166,14 @@ def optimizer_step_costs(device: torch.device, scale: float, repeats: int = 10, 
         unmasked.append(_seconds(arms.unmasked_step, device))
     separate = statistics.median(_seconds(arms.separate_masking, device) for _ in range(repeats))
     masked_s, unmasked_s = statistics.median(masked), statistics.median(unmasked)
-    return {"params": sum(p.numel() for p in params), "tensors": len(params),
+    n = sum(p.numel() for p in params)
+    return {"params": n, "tensors": len(params),
             "pruned_weights": pruned, "optimizer": type(arms.optimizer).__name__,
             "torch_fused_step_s": torch_fused, "kprune_step_s": unmasked_s, "kprune_masked_step_s": masked_s,
             "separate_masking_s": separate, "masking_vs_own_step": (masked_s - unmasked_s) / unmasked_s,
             "separate_masking_vs_own_step": separate / unmasked_s, "kprune_vs_torch_fused": unmasked_s / torch_fused,
+            "kprune_step_gb_per_s": n * STEP_BYTES_PER_WEIGHT / unmasked_s / 1e9,
+            "torch_fused_step_gb_per_s": n * STEP_BYTES_PER_WEIGHT / torch_fused / 1e9,
             "masked_step_kept_pruned_zero": kept, "kprune_setup_and_warmup_s": warmup_s,
             "kprune_compiled_graphs": _compiled_graphs() - graphs_before, "repeats": repeats}
 

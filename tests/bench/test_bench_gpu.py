@@ -73,6 +73,8 @@ def test_optimizer_step_costs_reports_every_figure_without_cuda(no_cuda):
     assert costs["masking_vs_own_step"] == pytest.approx((costs["kprune_masked_step_s"] - unmasked) / unmasked)
     assert costs["separate_masking_vs_own_step"] == pytest.approx(costs["separate_masking_s"] / unmasked)
     assert costs["kprune_vs_torch_fused"] == pytest.approx(unmasked / costs["torch_fused_step_s"])
+    assert costs["kprune_step_gb_per_s"] == pytest.approx(costs["params"] * 28 / unmasked / 1e9)
+    assert costs["torch_fused_step_gb_per_s"] == pytest.approx(costs["params"] * 28 / costs["torch_fused_step_s"] / 1e9)
 
 
 def test_the_timed_steps_mask_only_when_they_should(no_cuda):
