@@ -32,6 +32,11 @@ from bench.knobs import knob
 from bench.output import emit
 from bench.pruning import layer_shapes
 from lib.device import synchronize
+from lib.optim import OPTIMIZERS
+from lib.pruning.methods import build_method
+from lib.pruning.pruner import Pruner
+from lib.pruning.schedules import Schedule
+from lib.settings import Settings
 
 # NVIDIA's datasheet dense bf16 tensor-core rates, TFLOP/s (the SXM parts where there are two).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
@@ -78,7 +83,7 @@ class PrunedAdamW:
     weights: list[nn.Parameter]  # the pruned pool (layer_shapes)
     others: list[nn.Parameter]   # biases, norms, position embedding: stepped, never masked
     optimizer: torch.optim.Optimizer
-    pruner: object  # lib.pruning.pruner.Pruner, fusing its masking into the step
+    pruner: Pruner  # fusing its masking into the step
 
     def masked_step(self) -> None:
         """The pruned run's steady state: after_backward marks the pool masked, the step masks inside."""
@@ -109,12 +114,6 @@ def gpt2_shaped_params(device: torch.device, scale: float) -> tuple[list[nn.Para
 def pruned_adamw(weights: list[nn.Parameter], others: list[nn.Parameter]) -> PrunedAdamW:
     """kprune's AdamW as lib.optim builds it, its states populated by one step, then every weight
     matrix pruned to exactly 50% by magnitude (pruned weights and their moments exactly 0)."""
-    from lib.optim import OPTIMIZERS
-    from lib.pruning.methods import build_method
-    from lib.pruning.pruner import Pruner
-    from lib.pruning.schedules import Schedule
-    from lib.settings import Settings
-
     settings = Settings(lr=1e-4, beta1=0.9, beta2=0.999, adam_eps=1e-8, amsgrad=False, weight_decay=0.1)
     optimizer = OPTIMIZERS["adamw"]([{"params": weights, "weight_decay": 0.1},
                                      {"params": others, "weight_decay": 0.0}], settings)
