@@ -169,19 +169,40 @@ def check_exact_selection(device: torch.device, workdir: Path) -> dict:
 
 
 def check_train_masks_memory_prefetch(device: torch.device, workdir: Path) -> dict:
-    """Real steps: masks exact at every update, pruned weights never revive, batches prefetched through
-    pinned host memory on CUDA, and the summary reports the device's peak memory."""
+    """Real steps: masks exact at every update, pruned weights never revive, kept at zero by kprune's
+    AdamW step itself (no separate masking pass), batches prefetched through pinned host memory on
+    CUDA, and the summary reports the device's peak memory."""
+    from lib.pruning.masks import MaskSet
+    from lib.pruning.pruner import Pruner
+
     pinned, real_pin = [], torch.Tensor.pin_memory
+    masked_steps, separate_passes = [], []
+    real_after_backward, real_separate = Pruner.after_backward, MaskSet.zero_pruned_grads
 
     def pin_and_note(tensor, *args, **kwargs):  # every batch's host copy, made in the prefetch thread
         out = real_pin(tensor, *args, **kwargs)
         pinned.append(out.is_pinned())
         return out
+
+    def after_backward_and_note(pruner):  # what the next optimizer step is told to mask
+        real_after_backward(pruner)
+        if pruner.masks.pruned_count:
+            pool = frozenset(id(p) for p in pruner.masks.params)
+            masked_steps.append((pruner.fused_masking, getattr(pruner.optimizer, "masked_params", None) == pool))
+
+    def separate_and_note(masks):
+        separate_passes.append(1)
+        real_separate(masks)
     torch.Tensor.pin_memory = pin_and_note
+    Pruner.after_backward, MaskSet.zero_pruned_grads = after_backward_and_note, separate_and_note
     try:
-        code, run_dir = train_tiny(gpt2_settings(device, workdir, "DATA_WORKERS=2"))
+        # GRAD_CLIP=0: until clipping is folded into kprune's step the pruner masks in a pass of its
+        # own when clipping reads the gradients in between. What is checked is pruner.fused_masking
+        # itself, so the check holds either way once it is.
+        code, run_dir = train_tiny(gpt2_settings(device, workdir, "DATA_WORKERS=2", "GRAD_CLIP=0"))
     finally:
         torch.Tensor.pin_memory = real_pin
+        Pruner.after_backward, MaskSet.zero_pruned_grads = real_after_backward, real_separate
     summary = json.loads((run_dir / "summary.json").read_text())
     expect(code == 0 and summary["status"] == "complete", f"run ended {summary['status']}: {summary.get('error')}")
     expect(summary["target_count_exact"], "a mask update missed its exact target")
@@ -189,7 +210,15 @@ def check_train_masks_memory_prefetch(device: torch.device, workdir: Path) -> di
     expect(len(counts) > 1 and counts == sorted(counts), f"pruned counts over the updates: {counts}")
     expect(summary["final_pruned_count"] >= summary["mask_pruned_count"],
            f"pruned weights revived: {summary['final_pruned_count']} zeros < {summary['mask_pruned_count']} masked")
-    out = {"mask_updates": len(counts), "final_sparsity": summary["final_sparsity"]}
+    optimizer = summary["optimizer"]["class"]
+    expect(optimizer in ("KpruneAdam", "KpruneAdamW"), f"the run stepped with {optimizer}, not kprune's Adam/AdamW")
+    expect(bool(masked_steps) and all(fused for fused, _ in masked_steps),
+           f"the pruner masked in a pass of its own (fused_masking False) in "
+           f"{sum(not fused for fused, _ in masked_steps)} of {len(masked_steps)} pruned steps")
+    expect(all(told for _, told in masked_steps), "a pruned step's optimizer was not told to mask the pruned pool")
+    expect(not separate_passes, f"the separate masking pass ran {len(separate_passes)} times beside the fused step")
+    out = {"mask_updates": len(counts), "final_sparsity": summary["final_sparsity"], "optimizer": optimizer,
+           "fused_masking": True, "masked_steps": len(masked_steps), "separate_masking_passes": 0}
     if device.type == "cuda":
         peak = summary["memory"].get("cuda_max_allocated")
         expect(bool(peak), "no CUDA peak memory (memory.cuda_max_allocated) in the summary")

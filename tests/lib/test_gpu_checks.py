@@ -94,7 +94,23 @@ def test_exact_selection_check_catches_a_device_that_selects_otherwise(tmp_path,
 def test_masks_and_checkpoint_checks_train_for_real(tmp_path):
     out = gpu_checks.check_train_masks_memory_prefetch(CPU, tmp_path / "train")
     assert out["mask_updates"] == 5 and out["final_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # steps 5..12 follow an update that pruned something (the one at step 2 prunes none: the ramp starts at 0)
+    assert out["fused_masking"] is True and out["separate_masking_passes"] == 0 and out["masked_steps"] == 8
     assert gpu_checks.check_checkpoint_resume(CPU, tmp_path / "resume")["final_loss_gap"] <= 1e-3
+
+
+@pytest.mark.slow
+def test_train_check_fails_when_the_pruner_masks_in_a_pass_of_its_own(tmp_path, monkeypatch):
+    from lib.pruning.pruner import Pruner
+
+    real_init = Pruner.__init__
+
+    def unfused(self, *args, **kwargs):  # as a pruner whose optimizer cannot mask in its step
+        real_init(self, *args, **kwargs)
+        self.fused_masking = False
+    monkeypatch.setattr(Pruner, "__init__", unfused)
+    with pytest.raises(CheckFailed, match="masked in a pass of its own"):
+        gpu_checks.check_train_masks_memory_prefetch(CPU, tmp_path)
 
 
 @pytest.mark.slow
