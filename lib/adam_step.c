@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     float *w, *g, *m, *v, *vmax;   /* vmax: NULL without AMSGrad */
@@ -152,6 +153,19 @@ typedef struct {
 #define NORM_BLOCK 8192
 #define NORM_LANES 8
 
+/* g where w != 0, else +0: the select `w == 0 ? 0 : g` written on the bits, which the compiler turns
+ * into vector ANDs (as a select on a float comparison it stayed a scalar branch per element, which a
+ * random mask mispredicts half the time: 40x slower). */
+static inline __attribute__((always_inline)) float kept(float g, float w)
+{
+    uint32_t gb, wb;
+    memcpy(&gb, &g, sizeof gb);
+    memcpy(&wb, &w, sizeof wb);
+    gb &= -(uint32_t)((wb & 0x7fffffffu) != 0);  /* all ones unless w is +0 or -0 */
+    memcpy(&g, &gb, sizeof g);
+    return g;
+}
+
 static inline __attribute__((always_inline)) double block_sumsq(const float *restrict w, const float *restrict g,
                                                                 int64_t lo, int64_t hi, const int mask)
 {
@@ -159,11 +173,11 @@ static inline __attribute__((always_inline)) double block_sumsq(const float *res
     int64_t i = lo;
     for (; i + NORM_LANES <= hi; i += NORM_LANES)
         for (int j = 0; j < NORM_LANES; j++) {
-            double x = (mask && w[i + j] == 0.0f) ? 0.0 : (double)g[i + j];
+            double x = mask ? kept(g[i + j], w[i + j]) : g[i + j];
             acc[j] += x * x;
         }
     for (int j = 0; i < hi; i++, j++) {
-        double x = (mask && w[i] == 0.0f) ? 0.0 : (double)g[i];
+        double x = mask ? kept(g[i], w[i]) : g[i];
         acc[j] += x * x;
     }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
