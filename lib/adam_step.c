@@ -108,6 +108,21 @@ static void *run(void *arg)
 #define MAX_THREADS 256
 #define ALIGN 64                    /* elements: whole cache lines per thread */
 
+/* fn on each of `threads` work items (`size` bytes apart), the first in the caller's thread. */
+static void run_parallel(void *(*fn)(void *), void *items, size_t size, int threads)
+{
+    pthread_t ids[MAX_THREADS];
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, fn, (char *)items + started * size) != 0)
+            break;
+    fn(items);
+    for (int i = started; i < threads; i++)  /* a thread that could not start: its item here */
+        fn((char *)items + i * size);
+    for (int i = 1; i < started; i++)
+        pthread_join(ids[i], NULL);
+}
+
 int kprune_adam_step(const adam_tensor *tensors, int count, const adam_scalars *s, int threads)
 {
     int64_t total = 0;
@@ -118,22 +133,13 @@ int kprune_adam_step(const adam_tensor *tensors, int count, const adam_scalars *
     if (threads < 1 || total < (int64_t)1 << 16)  /* below ~256 KB a thread costs more than it saves */
         threads = 1;
     adam_work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
     int64_t per = (total + threads - 1) / threads;
     per = (per + ALIGN - 1) / ALIGN * ALIGN;
     for (int i = 0; i < threads; i++) {
         int64_t begin = per * i, end = per * (i + 1);
         work[i] = (adam_work){tensors, count, s, begin < total ? begin : total, end < total ? end : total};
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, run, &work[started]) != 0)
-            break;
-    run(&work[0]);
-    for (int i = started; i < threads; i++)  /* a thread that could not start: its range here */
-        run(&work[i]);
-    for (int i = 1; i < started; i++)
-        pthread_join(ids[i], NULL);
+    run_parallel(run, work, sizeof work[0], threads);
     return 0;
 }
 
@@ -242,21 +248,12 @@ double kprune_grad_sumsq(const norm_tensor *tensors, int count, int threads)
     if (threads > blocks)
         threads = (int)blocks;
     norm_work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
     int64_t per = (blocks + threads - 1) / threads;
     for (int i = 0; i < threads; i++) {
         int64_t first = per * i, last = per * (i + 1);
         work[i] = (norm_work){tensors, count, first < blocks ? first : blocks, last < blocks ? last : blocks, sums};
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, run_norm, &work[started]) != 0)
-            break;
-    run_norm(&work[0]);
-    for (int i = started; i < threads; i++)
-        run_norm(&work[i]);
-    for (int i = 1; i < started; i++)
-        pthread_join(ids[i], NULL);
+    run_parallel(run_norm, work, sizeof work[0], threads);
     double sum = 0.0;
     for (int64_t b = 0; b < blocks; b++)  /* in block order, whatever the threads were */
         sum += sums[b];
