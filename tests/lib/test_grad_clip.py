@@ -231,6 +231,7 @@ class _StepWatch:
         self.revived += sum(int((p.detach()[z] != 0).sum()) for p, z in self._zeros)
 
 
+@pytest.mark.slow  # real LeNet-5 runs on the bundled MNIST: seconds each
 @pytest.mark.parametrize("method", ["magnitude", "none"])
 def test_a_clipped_run_masks_and_clips_inside_the_step_and_pruned_weights_stay_zero(method, tmp_path, capsys,
                                                                                     monkeypatch):
@@ -260,6 +261,7 @@ def test_a_clipped_run_masks_and_clips_inside_the_step_and_pruned_weights_stay_z
     assert watch.pruned_grads_nonzero > 0 and watch.revived == 0
 
 
+@pytest.mark.slow
 def test_other_optimizers_keep_torchs_clip_grad_norm(tmp_path, capsys, monkeypatch):
     calls = []
     real = torch.nn.utils.clip_grad_norm_
