@@ -52,10 +52,20 @@ def _without_c(monkeypatch, use_c: bool) -> None:
         monkeypatch.setattr(fused_adam, "library", lambda: None)
 
 
+@pytest.fixture
+def threads():
+    """Set torch's (and so the C kernels') thread count for one test; restored after it. Two threads split
+    the kernels' work across tensor borders; torch's own operations run at one (on a busy machine its
+    OpenMP threads wait on each other)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("use_c", [True, False])
-def test_the_norm_leaves_out_pruned_weights_only_of_masked_parameters(use_c, monkeypatch):
+def test_the_norm_leaves_out_pruned_weights_only_of_masked_parameters(use_c, monkeypatch, threads):
     _without_c(monkeypatch, use_c)
-    torch.set_num_threads(2)
+    threads(2 if use_c else 1)
     params = _params()
     opt = KpruneAdamW(params, lr=1e-2)
     opt.masked_params = _masked_ids(params)
@@ -80,16 +90,16 @@ def _oracle_sumsq(params, masked: frozenset[int]) -> float:
     return sum(float(torch.where((p == 0) & (id(p) in masked), 0.0, p.grad).double().pow(2).sum()) for p in params)
 
 
-def test_the_c_sum_is_the_float64_sum_whatever_the_thread_count_and_the_torch_path_agrees(monkeypatch):
+def test_the_c_sum_is_the_float64_sum_whatever_the_thread_count_and_the_torch_path_agrees(monkeypatch, threads):
     params = _params()
     _grads(params, torch.Generator().manual_seed(2))
     masked = _masked_ids(params)
     items = [(p.detach(), p.grad, id(p) in masked) for p in params]
     sums = []
-    for threads in (1, 2, 3, 7):
-        torch.set_num_threads(threads)
+    for count in (1, 2, 3, 7):
+        threads(count)
         sums.append(fused_adam.grad_sumsq(items))
-    torch.set_num_threads(2)
+    threads(1)
     assert sums[0] is not None and len(set(sums)) == 1  # bit for bit: blocks summed in one order
     oracle = _oracle_sumsq(params, masked)
     assert abs(sums[0] - oracle) <= 1e-13 * oracle  # float64 reordering only; a wrong mask moves it by ~1/3
@@ -150,8 +160,9 @@ def _states(params, opt):
 @pytest.mark.parametrize("cls", [KpruneAdam, KpruneAdamW])
 @pytest.mark.parametrize("use_c", [True, False])
 @pytest.mark.parametrize("max_norm", [1.0, 1e4])  # clipping, and a norm below the limit (coefficient 1)
-def test_the_clipped_step_equals_separate_masking_then_clipping_then_the_step(cls, use_c, max_norm, monkeypatch):
-    torch.set_num_threads(2)
+def test_the_clipped_step_equals_separate_masking_then_clipping_then_the_step(cls, use_c, max_norm, monkeypatch,
+                                                                             threads):
+    threads(2 if use_c else 1)
     inside, opt_in, c_in = _clipped_run(cls, "inside", max_norm, use_c, monkeypatch)
     scaled, opt_sc, c_sc = _clipped_run(cls, "scaled", max_norm, use_c, monkeypatch)
     separate, opt_sep, c_sep = _clipped_run(cls, "separate", max_norm, use_c, monkeypatch)
