@@ -22,7 +22,22 @@ populated, state/bitter7 pruned to 50%. Prints one JSON object:
                              what keeping pruned weights at zero costs per step (noise
                              can make it slightly negative)
   separate_masking_s,        the separate masking pass the step replaces (still used
-  separate_masking_vs_own_step  with SGD, AdamWSPAM or gradient clipping) and its ratio
+  separate_masking_vs_own_step  with SGD and AdamWSPAM) and its ratio
+  masked_clipped_step_s      the same steady state with gradient clipping (GRAD_CLIP=1.0,
+                             as every shipped defconfig): after_backward, the norm of
+                             the gradients with the pruned ones left out (one pass,
+                             lib/grad_clip.py), then the step, which masks and scales
+                             every gradient by the clipping coefficient inside its pass
+  kprune_unmasked_clipped_step_s  the same with nothing masked: a dense run's norm + step
+  masking_vs_own_step_clipped  (masked_clipped_step_s - kprune_unmasked_clipped_step_s)
+                             / kprune_unmasked_clipped_step_s: what keeping pruned
+                             weights at zero costs per step with clipping
+  torch_clipped_step_s       the way before (a dense run): torch's clip_grad_norm_
+                             (reads the gradients, then reads and writes them), then
+                             kprune's step
+  separate_clipped_step_s,   the way before for a pruned run: the separate masking pass,
+  separate_masking_vs_own_step_clipped  clip_grad_norm_, the step; and what its masking
+                             cost, (separate_clipped - torch_clipped) / torch_clipped
   step_overhead_ratio        masked_step_s / dense_step_s
   state_bytes_per_weight     persistent pruning state (masks) per prunable weight
   peak_extra_bytes_per_weight  transient memory a mask update adds at its peak
@@ -53,6 +68,7 @@ from torch import nn
 from bench.knobs import KnobError, choice_knob, knob
 from bench.output import emit
 from lib.errors import KpruneError
+from lib.grad_clip import clipped_step
 from lib.optim import OPTIMIZERS
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner, target_count
@@ -63,6 +79,7 @@ from lib.pruning.units import UnitFamily, Units, attention_heads, consecutive
 from lib.settings import Settings
 
 REPEATS = 3
+CLIP = 1.0  # GRAD_CLIP of every shipped defconfig
 
 
 def layer_shapes(scale: float) -> list[tuple[int, int]]:
@@ -191,6 +208,31 @@ def main() -> int:
     masked_step_s, kprune_dense_step_s = min(masked_times), min(unmasked_times)
     masking_s = _best(pruner.masks.zero_pruned_grads)
 
+    # With gradient clipping: the loop's path (lib/grad_clip.py) and the one it replaced, alternated.
+    # torch's clip rescales the gradients in place; the pruned ones stay 0, so every variant keeps them pruned.
+    def masked_clipped_step() -> None:
+        pruner.after_backward()
+        clipped_step(optimizer, params, CLIP)
+
+    def unmasked_clipped_step() -> None:
+        optimizer.masked_params = frozenset()
+        clipped_step(optimizer, params, CLIP)
+
+    def torch_clipped_step() -> None:
+        optimizer.masked_params = frozenset()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+
+    def separate_clipped_step() -> None:
+        pruner.masks.zero_pruned_grads()
+        torch_clipped_step()
+
+    clipped = {f: [] for f in (masked_clipped_step, unmasked_clipped_step, torch_clipped_step, separate_clipped_step)}
+    for _ in range(REPEATS):
+        for f, times in clipped.items():
+            times.append(_best(f, 1))
+    masked_clipped_s, unmasked_clipped_s, torch_clipped_s, separate_clipped_s = (min(t) for t in clipped.values())
+
     streams = [p.grad for p in params]  # preallocated float32 outputs (the gradients are restored below)
 
     def stream_pass() -> None:
@@ -235,6 +277,12 @@ def main() -> int:
         "masking_vs_own_step": round((masked_step_s - kprune_dense_step_s) / kprune_dense_step_s, 3),
         "separate_masking_s": round(masking_s, 4),
         "separate_masking_vs_own_step": round(masking_s / kprune_dense_step_s, 3),
+        "masked_clipped_step_s": round(masked_clipped_s, 4),
+        "kprune_unmasked_clipped_step_s": round(unmasked_clipped_s, 4),
+        "masking_vs_own_step_clipped": round((masked_clipped_s - unmasked_clipped_s) / unmasked_clipped_s, 3),
+        "torch_clipped_step_s": round(torch_clipped_s, 4),
+        "separate_clipped_step_s": round(separate_clipped_s, 4),
+        "separate_masking_vs_own_step_clipped": round((separate_clipped_s - torch_clipped_s) / torch_clipped_s, 3),
         "state_bytes_per_weight": round(pruner.masks.state_bytes() / n, 4),
         "peak_extra_bytes_per_weight": per_weight(peak_extra),
         "peak_extra_bytes_per_weight_own_buffer": per_weight(own_buffer_peak),

@@ -1,11 +1,14 @@
-/* kprune's Adam / AdamW step: one pass per parameter, masking included.
+/* kprune's Adam / AdamW step: one pass per parameter, masking and gradient clipping included.
  *
  * Per weight it reads w, g, m, v (and the AMSGrad maximum) and writes w, m, v:
  * the bytes torch's fused kernel moves, so a dense step costs what torch's
  * costs. With `mask` set, a weight that is exactly 0 (every pruned weight is)
  * takes its gradient as 0 inside the same pass: what a separate "zero the
  * gradients of pruned weights" pass did, without reading and writing the
- * gradients again.
+ * gradients again. Every gradient is first multiplied by `grad_scale`, the
+ * clipping coefficient (1 without clipping: exact), so clipping needs no pass
+ * that rewrites the gradients either; the norm it is computed from is
+ * kprune_grad_sumsq below, which reads the gradients as the step will use them.
  *
  * The arithmetic is written one IEEE float32 operation at a time in the order
  * of lib/fused_adam.py's reference (built with -ffp-contract=off, no fast-math),
@@ -17,6 +20,8 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     float *w, *g, *m, *v, *vmax;   /* vmax: NULL without AMSGrad */
@@ -30,6 +35,7 @@ typedef struct {
     float one_minus_beta1, beta2, one_minus_beta2, eps;
     float decay;                   /* AdamW: 1 - lr * weight_decay (1 when off) */
     float l2;                      /* Adam: weight_decay added as l2 * w to the gradient (0 when off) */
+    float grad_scale;              /* the clipping coefficient every gradient is multiplied by (1: none) */
 } adam_scalars;
 
 typedef struct {
@@ -47,9 +53,10 @@ static inline __attribute__((always_inline)) void loop(const adam_tensor *t, con
     float *restrict w = t->w, *restrict g = t->g, *restrict m = t->m, *restrict v = t->v;
     float *restrict vmax = t->vmax;
     const float b1c = s->one_minus_beta1, b2 = s->beta2, b2c = s->one_minus_beta2, eps = s->eps;
-    const float decay = s->decay, l2 = s->l2, step = -t->step_size, bc2 = t->bc2_sqrt;
+    const float decay = s->decay, l2 = s->l2, step = -t->step_size, bc2 = t->bc2_sqrt, scale = s->grad_scale;
     for (int64_t i = lo; i < hi; i++) {
-        float wi = w[i], gr = g[i];    /* read unconditionally: a select, not a masked load */
+        float wi = w[i], gr = g[i] * scale;    /* read unconditionally: a select, not a masked load */
+        /* masked after scaling: a pruned weight takes 0 even from a non-finite coefficient */
         float gi = (mask && wi == 0.0f) ? 0.0f : gr;
         if (l2_on)
             gi = gi + l2 * wi;
@@ -101,6 +108,21 @@ static void *run(void *arg)
 #define MAX_THREADS 256
 #define ALIGN 64                    /* elements: whole cache lines per thread */
 
+/* fn on each of `threads` work items (`size` bytes apart), the first in the caller's thread. */
+static void run_parallel(void *(*fn)(void *), void *items, size_t size, int threads)
+{
+    pthread_t ids[MAX_THREADS];
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, fn, (char *)items + started * size) != 0)
+            break;
+    fn(items);
+    for (int i = started; i < threads; i++)  /* a thread that could not start: its item here */
+        fn((char *)items + i * size);
+    for (int i = 1; i < started; i++)
+        pthread_join(ids[i], NULL);
+}
+
 int kprune_adam_step(const adam_tensor *tensors, int count, const adam_scalars *s, int threads)
 {
     int64_t total = 0;
@@ -111,21 +133,130 @@ int kprune_adam_step(const adam_tensor *tensors, int count, const adam_scalars *
     if (threads < 1 || total < (int64_t)1 << 16)  /* below ~256 KB a thread costs more than it saves */
         threads = 1;
     adam_work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
     int64_t per = (total + threads - 1) / threads;
     per = (per + ALIGN - 1) / ALIGN * ALIGN;
     for (int i = 0; i < threads; i++) {
         int64_t begin = per * i, end = per * (i + 1);
         work[i] = (adam_work){tensors, count, s, begin < total ? begin : total, end < total ? end : total};
     }
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, run, &work[started]) != 0)
-            break;
-    run(&work[0]);
-    for (int i = started; i < threads; i++)  /* a thread that could not start: its range here */
-        run(&work[i]);
-    for (int i = 1; i < started; i++)
-        pthread_join(ids[i], NULL);
+    run_parallel(run, work, sizeof work[0], threads);
     return 0;
+}
+
+/* The sum of squares of the gradients as the step uses them (for clipping's norm): where `mask` is
+ * set, the entries whose weight is exactly 0 are left out. Squares and sums in double (a float's
+ * square is exact there), and the same result for any thread count: each tensor is cut into blocks
+ * of NORM_BLOCK elements, a block sums its elements into NORM_LANES running sums (element i into
+ * sum i mod NORM_LANES, so the compiler can keep them in vector registers without reordering
+ * anything) added in a fixed tree, and the blocks' sums are added in order by the caller's thread.
+ * Threads only decide who computes which blocks. */
+typedef struct {
+    const float *w, *g;
+    int64_t n;
+    int mask;                      /* leave out entries whose weight is exactly 0 */
+} norm_tensor;
+
+#define NORM_BLOCK 8192
+#define NORM_LANES 8
+
+/* g where w != 0, else +0: the select `w == 0 ? 0 : g` written on the bits, which the compiler turns
+ * into vector ANDs (as a select on a float comparison it stayed a scalar branch per element, which a
+ * random mask mispredicts half the time: 40x slower). */
+static inline __attribute__((always_inline)) float kept(float g, float w)
+{
+    uint32_t gb, wb;
+    memcpy(&gb, &g, sizeof gb);
+    memcpy(&wb, &w, sizeof wb);
+    gb &= -(uint32_t)((wb & 0x7fffffffu) != 0);  /* all ones unless w is +0 or -0 */
+    memcpy(&g, &gb, sizeof g);
+    return g;
+}
+
+static inline __attribute__((always_inline)) double block_sumsq(const float *restrict w, const float *restrict g,
+                                                                int64_t lo, int64_t hi, const int mask)
+{
+    double acc[NORM_LANES] = {0};
+    int64_t i = lo;
+    for (; i + NORM_LANES <= hi; i += NORM_LANES)
+        for (int j = 0; j < NORM_LANES; j++) {
+            double x = mask ? kept(g[i + j], w[i + j]) : g[i + j];
+            acc[j] += x * x;
+        }
+    for (int j = 0; i < hi; i++, j++) {
+        double x = mask ? kept(g[i], w[i]) : g[i];
+        acc[j] += x * x;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static double block_sumsq_masked(const float *w, const float *g, int64_t lo, int64_t hi)
+{
+    return block_sumsq(w, g, lo, hi, 1);
+}
+
+static double block_sumsq_plain(const float *w, const float *g, int64_t lo, int64_t hi)
+{
+    return block_sumsq(w, g, lo, hi, 0);
+}
+
+typedef struct {
+    const norm_tensor *tensors;
+    int count;
+    int64_t first, last;           /* global block numbers [first, last) */
+    double *sums;                  /* one per block, indexed by global block number */
+} norm_work;
+
+static int64_t blocks_of(int64_t n)
+{
+    return (n + NORM_BLOCK - 1) / NORM_BLOCK;
+}
+
+static void *run_norm(void *arg)
+{
+    const norm_work *work = arg;
+    int64_t base = 0;              /* global number of tensor k's first block */
+    for (int k = 0; k < work->count && base < work->last; k++) {
+        const norm_tensor *t = &work->tensors[k];
+        int64_t nb = blocks_of(t->n);
+        for (int64_t b = work->first > base ? work->first - base : 0; b < nb && base + b < work->last; b++) {
+            int64_t lo = b * NORM_BLOCK, hi = lo + NORM_BLOCK < t->n ? lo + NORM_BLOCK : t->n;
+            work->sums[base + b] = t->mask ? block_sumsq_masked(t->w, t->g, lo, hi)
+                                           : block_sumsq_plain(t->w, t->g, lo, hi);
+        }
+        base += nb;
+    }
+    return NULL;
+}
+
+/* Returns the sum of squares, or -1 if the block sums could not be allocated. */
+double kprune_grad_sumsq(const norm_tensor *tensors, int count, int threads)
+{
+    int64_t blocks = 0, total = 0;
+    for (int k = 0; k < count; k++) {
+        blocks += blocks_of(tensors[k].n);
+        total += tensors[k].n;
+    }
+    if (blocks == 0)
+        return 0.0;
+    double *sums = malloc(blocks * sizeof(double));
+    if (sums == NULL)
+        return -1.0;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads < 1 || total < (int64_t)1 << 16)  /* as the step: below ~256 KB one thread */
+        threads = 1;
+    if (threads > blocks)
+        threads = (int)blocks;
+    norm_work work[MAX_THREADS];
+    int64_t per = (blocks + threads - 1) / threads;
+    for (int i = 0; i < threads; i++) {
+        int64_t first = per * i, last = per * (i + 1);
+        work[i] = (norm_work){tensors, count, first < blocks ? first : blocks, last < blocks ? last : blocks, sums};
+    }
+    run_parallel(run_norm, work, sizeof work[0], threads);
+    double sum = 0.0;
+    for (int64_t b = 0; b < blocks; b++)  /* in block order, whatever the threads were */
+        sum += sums[b];
+    free(sums);
+    return sum;
 }

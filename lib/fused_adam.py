@@ -17,6 +17,12 @@ order, so the two agree bit for bit (tests/lib/test_fused_adam.py checks
 it); it serves tensors the C kernel cannot take (not float32, not contiguous,
 not on the CPU) and machines without a C compiler (with one warning), and on
 CUDA it runs compiled by torch.compile into one fused kernel per parameter.
+
+Gradient clipping happens inside the step too: `step(grad_scale=c)`
+multiplies every gradient by the clipping coefficient c in the same pass
+(lib/grad_clip.py computes c from the gradients as the step will use them,
+with `grad_sumsq` below), so neither the masking nor the clipping rewrites
+the gradients.
 """
 
 from __future__ import annotations
@@ -42,7 +48,12 @@ class _Tensor(ctypes.Structure):
 
 class _Scalars(ctypes.Structure):
     _fields_ = [("one_minus_beta1", ctypes.c_float), ("beta2", ctypes.c_float), ("one_minus_beta2", ctypes.c_float),
-                ("eps", ctypes.c_float), ("decay", ctypes.c_float), ("l2", ctypes.c_float)]
+                ("eps", ctypes.c_float), ("decay", ctypes.c_float), ("l2", ctypes.c_float),
+                ("grad_scale", ctypes.c_float)]
+
+
+class _NormTensor(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("g", ctypes.c_void_p), ("n", ctypes.c_int64), ("mask", ctypes.c_int)]
 
 
 _LIBRARY: ctypes.CDLL | None = None
@@ -58,6 +69,8 @@ def library() -> ctypes.CDLL | None:
             _LIBRARY.kprune_adam_step.argtypes = [ctypes.POINTER(_Tensor), ctypes.c_int, ctypes.POINTER(_Scalars),
                                                   ctypes.c_int]
             _LIBRARY.kprune_adam_step.restype = ctypes.c_int
+            _LIBRARY.kprune_grad_sumsq.argtypes = [ctypes.POINTER(_NormTensor), ctypes.c_int, ctypes.c_int]
+            _LIBRARY.kprune_grad_sumsq.restype = ctypes.c_double
         except native.BuildError as exc:
             _UNAVAILABLE = str(exc)
             print(f"warning: kprune's C Adam kernel could not be built ({_UNAVAILABLE}); Adam/AdamW run the same "
@@ -79,8 +92,14 @@ def _scalars(group: dict, decoupled: bool) -> dict:
             "l2": 0.0 if decoupled else _f32(wd)}
 
 
-def reference_update(w, g, m, v, vmax, step_size: float, bc2_sqrt: float, s: dict, mask: bool) -> None:
-    """The kernel's arithmetic on whole tensors, in its order (each operation rounds to w's dtype)."""
+def reference_update(w, g, m, v, vmax, step_size: float, bc2_sqrt: float, s: dict, mask: bool,
+                     grad_scale: float | torch.Tensor = 1.0) -> None:
+    """The kernel's arithmetic on whole tensors, in its order (each operation rounds to w's dtype).
+
+    `grad_scale` (a float32 value, or a 0-d tensor on w's device) multiplies the gradient first.
+    """
+    if torch.is_tensor(grad_scale) or grad_scale != 1.0:  # times 1 is exact: skipped
+        g = g * grad_scale
     if mask:
         g = torch.where(w == 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
     if s["l2"] != 0.0:
@@ -111,7 +130,22 @@ def _device_update(*args) -> None:
     _COMPILED_REFERENCE(*args)
 
 
-def _c_ready(*tensors) -> bool:
+def grad_sumsq(tensors: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> float | None:
+    """The sum of the squares of the gradients g of (w, g, mask) in one threaded C pass, leaving out
+    g where `mask` and w == 0, in float64, the same for any thread count; None without the C kernel
+    (the tensors must pass `c_ready`)."""
+    lib = library()
+    if lib is None:
+        return None
+    items = [_NormTensor(w.data_ptr(), g.data_ptr(), w.numel(), int(mask)) for w, g, mask in tensors]
+    total = lib.kprune_grad_sumsq((_NormTensor * len(items))(*items), len(items), torch.get_num_threads())
+    if total == -1.0:
+        raise MemoryError("kprune_grad_sumsq could not allocate its block sums")
+    return total
+
+
+def c_ready(*tensors) -> bool:
+    """Whether the C kernels take these tensors: float32, contiguous, on the CPU (None: absent)."""
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                              and t.layout == torch.strided) for t in tensors)
 
@@ -129,12 +163,15 @@ class _KpruneAdamMixin:
         self.masked_params: frozenset[int] = frozenset()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: float | torch.Tensor = 1.0):
+        """One step; every gradient is taken multiplied by `grad_scale` (gradient clipping's coefficient:
+        a float, or a 0-d float32 tensor on the parameters' device, read there without a wait)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         lib = library()
+        c_scale = None  # the scale as the C kernel takes it, read once
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             s = _scalars(group, self.decoupled)
@@ -158,16 +195,18 @@ class _KpruneAdamMixin:
                 w, g, m, v = p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"]
                 vmax = state.get("max_exp_avg_sq") if group["amsgrad"] else None
                 mask = id(p) in self.masked_params
-                if lib is not None and _c_ready(w, g, m, v, vmax):
+                if lib is not None and c_ready(w, g, m, v, vmax):
                     batch.append(_Tensor(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                                          vmax.data_ptr() if vmax is not None else None, w.numel(),
                                          step_size, bc2_sqrt, int(mask)))
                 elif w.device.type == "cuda":
-                    _device_update(w, g, m, v, vmax, step_size, bc2_sqrt, s, mask)
+                    _device_update(w, g, m, v, vmax, step_size, bc2_sqrt, s, mask, grad_scale)
                 else:
-                    reference_update(w, g, m, v, vmax, step_size, bc2_sqrt, s, mask)
+                    reference_update(w, g, m, v, vmax, step_size, bc2_sqrt, s, mask, grad_scale)
             if batch:
-                lib.kprune_adam_step((_Tensor * len(batch))(*batch), len(batch), _Scalars(**s),
+                if c_scale is None:
+                    c_scale = _f32(float(grad_scale))
+                lib.kprune_adam_step((_Tensor * len(batch))(*batch), len(batch), _Scalars(**s, grad_scale=c_scale),
                                      torch.get_num_threads())
         return loss
 

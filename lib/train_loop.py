@@ -26,6 +26,7 @@ from lib.batches import Prefetcher
 from lib.checkpoint import Progress
 from lib.device import autocast_for, prepare_process, synchronize, with_precision
 from lib.errors import KpruneError
+from lib.grad_clip import clipped_step
 from lib.lr import lr_at
 from lib.pruning.build import budget_multiplier, build_pruner
 from lib.pruning.methods import Observation
@@ -245,9 +246,7 @@ def _steps(loop: Loop, model: nn.Module, ddp: DistributedDataParallel | None, pr
         if pruner is not None:
             pruner.observe(Observation(step, model, batch, with_precision(precision, task.loss), loss.detach()))
             pruner.after_backward()
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-        optimizer.step()
+        clipped_step(optimizer, params, s.grad_clip)  # kprune's Adam/AdamW: masked and clipped in the step
         update = pruner.after_step(step) if pruner is not None else None
         if update is not None:
             distributed.check_masks_agree(pruner.masks.bits, step)

@@ -23,7 +23,9 @@ PRUNING_KEYS = {"params", "mask_update_s", "pruned_count_exact", "dense_step_s",
                 "step_overhead_ratio", "state_bytes_per_weight", "peak_extra_bytes_per_weight",
                 "peak_extra_bytes_per_weight_own_buffer", "threads", "torch", "stream_pass_s", "update_vs_stream",
                 "torch_fused_step_s", "kprune_unmasked_step_s", "masking_vs_own_step", "separate_masking_s",
-                "separate_masking_vs_own_step", "optimizer"}
+                "separate_masking_vs_own_step", "optimizer", "masked_clipped_step_s", "kprune_unmasked_clipped_step_s",
+                "masking_vs_own_step_clipped", "torch_clipped_step_s", "separate_clipped_step_s",
+                "separate_masking_vs_own_step_clipped"}
 TRAIN_KEYS = {"dense_tokens_per_s", "pruned_tokens_per_s", "bare_tokens_per_s", "pruning_overhead_ratio",
               "framework_ratio", "peer_shape_dense_tokens_per_s", "peer_shape_pruned_tokens_per_s", "threads",
               "torch", "untracked_wall_tokens_per_s", "tracked_wall_tokens_per_s", "tracker_overhead_ratio"}
@@ -76,6 +78,9 @@ def test_bench_pruning_prints_every_key_and_prunes_exactly(project):
     k = out["kprune_unmasked_step_s"]
     low, high = (m - k - 2 * half) / (k + half), (m - k + 2 * half) / (k - half)
     assert low - 5e-4 <= out["masking_vs_own_step"] <= high + 5e-4
+    mc, kc = out["masked_clipped_step_s"], out["kprune_unmasked_clipped_step_s"]  # the same with clipping
+    low, high = (mc - kc - 2 * half) / (kc + half), (mc - kc + 2 * half) / (kc - half)
+    assert low - 5e-4 <= out["masking_vs_own_step_clipped"] <= high + 5e-4
     assert out["optimizer"] == "KpruneAdamW"  # the one-pass step that masks inside itself
 
 

@@ -105,7 +105,7 @@ def build_pruner(s: Settings, named_params: list[tuple[str, nn.Parameter]], opti
     try:
         pruner = Pruner(named_params, schedule, method, optimizer, beta1=s.beta1,
                         structure=structure_from_settings(s, units), scope=scope,
-                        fuse_masking=s.grad_clip == 0)  # clipping reads the masked gradients in between
+                        fuse_masking=True)  # kprune's Adam/AdamW mask (and clip, lib/grad_clip.py) in their step
     except ValueError as exc:
         raise KpruneError(str(exc)) from None
     if method.calibration is not None and task is not None:

@@ -90,9 +90,9 @@ class Pruner:
         self._check_reachable()
         self.updates: list[MaskUpdate] = []
         self.peak_score_bytes = 0
-        # With nothing between after_backward() and the step that reads the gradients (no clipping),
-        # an optimizer that masks inside its own step (kprune's Adam/AdamW) zeroes the pruned weights'
-        # gradients there instead of in a pass of their own.
+        # An optimizer that masks inside its own step (kprune's Adam/AdamW) zeroes the pruned weights'
+        # gradients there instead of in a pass of their own; gradient clipping's norm leaves them out
+        # too (lib/grad_clip.py).
         self.fused_masking = fuse_masking and hasattr(optimizer, "masked_params")
         self._pool_ids = frozenset(id(p) for p in self.masks.params)
 

@@ -27,7 +27,8 @@ def _params(seed: int = 0) -> list[nn.Parameter]:
     return params
 
 
-def _run(cls, amsgrad: bool, masked: bool, use_c: bool, monkeypatch, steps: int = 5, wd: float = 0.1):
+def _run(cls, amsgrad: bool, masked: bool, use_c: bool, monkeypatch, steps: int = 5, wd: float = 0.1,
+         grad_scale=1.0):
     params = _params()
     opt = cls(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd, amsgrad=amsgrad)
     if masked:
@@ -39,18 +40,23 @@ def _run(cls, amsgrad: bool, masked: bool, use_c: bool, monkeypatch, steps: int 
         for _ in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
+            opt.step(grad_scale=grad_scale)
     return params, opt
 
 
 @pytest.mark.parametrize("cls", [KpruneAdam, KpruneAdamW])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_c_kernel_equals_the_reference_bit_for_bit(cls, amsgrad, masked, monkeypatch):
+# 1: no clipping; a clipping coefficient (lib/grad_clip.py hands a 0-d float32 tensor to the step)
+@pytest.mark.parametrize("grad_scale", [1.0, torch.tensor(0.3712)])
+def test_c_kernel_equals_the_reference_bit_for_bit(cls, amsgrad, masked, grad_scale, monkeypatch):
     torch.set_num_threads(2)
     assert fused_adam.library() is not None, "the C kernel must build here (CI has a C compiler)"
-    c_params, c_opt = _run(cls, amsgrad, masked, True, monkeypatch)
-    r_params, r_opt = _run(cls, amsgrad, masked, False, monkeypatch)
+    c_params, c_opt = _run(cls, amsgrad, masked, True, monkeypatch, grad_scale=grad_scale)
+    r_params, r_opt = _run(cls, amsgrad, masked, False, monkeypatch, grad_scale=grad_scale)
+    if grad_scale != 1.0:  # the scale reached the step: exp_avg is not what unscaled gradients give
+        unscaled, opt = _run(cls, amsgrad, masked, True, monkeypatch)
+        assert not torch.equal(opt.state[unscaled[0]]["exp_avg"], c_opt.state[c_params[0]]["exp_avg"])
     for cp, rp, start in zip(c_params, r_params, _params()):
         assert torch.equal(cp, rp)
         for key in ("exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else [])):

@@ -91,12 +91,14 @@ def test_spt_epsilon_zero_is_refused_by_its_range():
     assert BY_SYMBOL["SPT_ALPHA"].parse("0") == 0.0 and BY_SYMBOL["BETA1"].parse("0") == 0.0
 
 
-@pytest.mark.parametrize("grad_clip, optimizer, fused", [(0.0, "adamwprune", True), (1.0, "adamwprune", False),
-                                                         (0.0, "sgd", False)])
-def test_masking_moves_into_kprunes_adam_step_only_without_clipping(grad_clip, optimizer, fused):
-    # Clipping reads the masked gradients between after_backward and the step, and SGD has no fused step:
-    # both keep the separate masking pass.
+@pytest.mark.parametrize("grad_clip, optimizer, base, fused", [
+    (0.0, "adamwprune", "adamw", True), (1.0, "adamwprune", "adamw", True), (1.0, "adam", "adamw", True),
+    (0.0, "sgd", "adamw", False), (1.0, "adamwprune", "adamwspam", False)])
+def test_masking_moves_into_kprunes_adam_step_with_or_without_clipping(grad_clip, optimizer, base, fused):
+    # kprune's Adam/AdamW mask inside their step, clipped or not (lib/grad_clip.py leaves the pruned weights
+    # out of the norm); SGD and AdamWSPAM have no such step and keep the separate masking pass.
     model, pool = _model()
-    s = _settings(grad_clip=grad_clip, optimizer=optimizer, pruning_method="magnitude", sgd_momentum=0.9)
+    s = _settings(grad_clip=grad_clip, optimizer=optimizer, adamwprune_base=base, pruning_method="magnitude",
+                  sgd_momentum=0.9, spam_theta=5000.0, spam_interval=500, spam_warmup=150)
     pruner, _ = build_pruner(s, pool, build_optimizer(model, s), 100)
     assert pruner.fused_masking is fused
