@@ -196,10 +196,8 @@ def check_train_masks_memory_prefetch(device: torch.device, workdir: Path) -> di
     torch.Tensor.pin_memory = pin_and_note
     Pruner.after_backward, MaskSet.zero_pruned_grads = after_backward_and_note, separate_and_note
     try:
-        # GRAD_CLIP=0: until clipping is folded into kprune's step the pruner masks in a pass of its
-        # own when clipping reads the gradients in between. What is checked is pruner.fused_masking
-        # itself, so the check holds either way once it is.
-        code, run_dir = train_tiny(gpt2_settings(device, workdir, "DATA_WORKERS=2", "GRAD_CLIP=0"))
+        # The defconfigs' GRAD_CLIP (1.0): the clipped step masks inside kprune's step too (lib/grad_clip.py).
+        code, run_dir = train_tiny(gpt2_settings(device, workdir, "DATA_WORKERS=2"))
     finally:
         torch.Tensor.pin_memory = real_pin
         Pruner.after_backward, MaskSet.zero_pruned_grads = real_after_backward, real_separate

@@ -132,8 +132,13 @@ def test_compile_check_compiles_gpt2(tmp_path):
 @pytest.mark.slow
 def test_mask_update_check_needs_the_score_memory_recorded_and_waits_not_growing_with_depth(tmp_path, monkeypatch):
     from lib.pruning import registry
+    from lib.pruning.pruner import Pruner
     from lib.pruning.scores import SCORE_CHUNK
 
+    def torch_scores():  # what a GPU runs (on the CPU select.c's one pass scores with no intermediates)
+        monkeypatch.setattr(Pruner, "_native_keys_", lambda *args: False)
+
+    torch_scores()
     out = gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
     assert out["recorded_peak_bytes"] == 2 * 4 * (SCORE_CHUNK // 768) * 768  # bitter5: two chunks of whole rows
     assert out["device_waits_per_update"] == 0  # a CPU never waits; CUDA's sync debug mode counts on a GPU
@@ -148,6 +153,7 @@ def test_mask_update_check_needs_the_score_memory_recorded_and_waits_not_growing
     with pytest.raises(CheckFailed, match="once per parameter"):
         gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
     monkeypatch.undo()
+    torch_scores()
     monkeypatch.setitem(registry.TEMPORARIES, "bitter5", 0)  # the intermediates forgotten, as before
     with pytest.raises(CheckFailed, match="no score memory"):
         gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
