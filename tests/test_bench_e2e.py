@@ -38,7 +38,10 @@ def project(tmp_path_factory) -> Path:
     for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "requirements-trackers.txt",
                  "defconfigs", "lib", "gpt2", "lenet5", "resnet", "scripts", "bench"]:
         src = REPO_ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
+        if src.is_dir():  # without the runs an earlier `make bench` left in bench/out
+            shutil.copytree(src, root / name, ignore=lambda d, names: ["out"] if Path(d) == REPO_ROOT / "bench" else [])
+        else:
+            shutil.copy2(src, root / name)
     os.symlink(REPO_ROOT / ".venv", root / ".venv")
     os.symlink(REPO_ROOT / "data", root / "data")
     return root
