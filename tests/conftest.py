@@ -14,7 +14,13 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
+# Before torch loads (below): its OpenMP threads then sleep when they wait instead of spinning. The suite runs
+# on two workers, each often with a 2-thread trainer, on two cores; spinning threads burn the cores the other
+# worker's threads need (a tiny GPT-2 run took 3.5 times the CPU time beside another run). Every trainer
+# the tests start inherits it; it changes no result, only how idle threads wait. A value set outside wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402 (after the wait policy, like the imports below)
 
 import lib.data.cifar as cifar
 from lib.data.corpora import prepare_corpus

@@ -107,3 +107,26 @@ def test_parallel_run_of_a_missing_test_path_is_a_usage_error_naming_it(tmp_path
     result = _pytest(tmp_path, {"test_ok.py": "def test_ok():\n    pass\n"}, *PARALLEL, str(tmp_path / "tpyo.py"))
     assert result.returncode == 4, result.stdout + result.stderr
     assert f"file or directory not found: {tmp_path / 'tpyo.py'}" in result.stderr
+
+
+def test_parallel_run_hands_out_the_longest_unit_first():
+    from tests.worker_groups import UNIT_SECONDS, longest_unit
+    # xdist's own order (most tests first) would pick the unit tests and leave the end-to-end file for last.
+    many_quick = {f"tests/lib/test_x.py::test_{i}": False for i in range(100)}
+    units = {"tests/lib/test_x.py": many_quick, "tests/test_suite_setup.py": {"t": False},
+             "tests/test_train_e2e.py": {"a": False, "b": False}, "tests/slurm": {"c": False}}
+    assert longest_unit(units) == "tests/test_train_e2e.py"
+    del units["tests/test_train_e2e.py"]
+    assert longest_unit(units) == "tests/slurm"
+    del units["tests/slurm"]
+    assert longest_unit(units) == "tests/lib/test_x.py"  # units not in the table: most tests first
+    # A renamed or split file would lose its place silently: every unit named there exists.
+    assert all((REPO_ROOT / unit).exists() for unit in UNIT_SECONDS)
+
+
+def test_trainers_the_suite_starts_let_idle_threads_sleep():
+    # tests/conftest.py sets it before torch loads; the two workers share two cores, and OpenMP threads that
+    # spin while they wait take the cores the other worker's trainer needs.
+    result = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "PASSIVE"

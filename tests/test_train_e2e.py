@@ -218,21 +218,28 @@ def test_sigterm_to_makes_process_group_leaves_a_checkpoint_that_make_resume_fin
 
 
 def test_a_second_run_with_the_same_run_name_is_refused_and_touches_nothing(project):
-    first = _trainer(project, "lenet5", "--max-iters", "400", "--log-interval", "1", "--eval-interval", "400",
+    first = _trainer(project, "lenet5", "--max-iters", "200", "--log-interval", "1", "--eval-interval", "200",
                      "--run-name", "shared", "--seed", "1")
     run_dir = project / "results" / "shared"
     deadline = time.time() + 120
     while _max_step(run_dir / "metrics.jsonl") < 2 and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
-    command = (run_dir / "command").read_text()
-    second = _trainer(project, "lenet5", "--max-iters", "4", "--run-name", "shared", "--seed", "2")
-    out, err = second.communicate(timeout=120)
+    # The first run is held (stopped, its lock kept) while the second starts: however slow that start, it
+    # meets a run in progress, and the first need not train for longer than the second takes to start.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None and _max_step(run_dir / "metrics.jsonl") < 200, "the first run ended too soon"
+        command = (run_dir / "command").read_text()
+        second = _trainer(project, "lenet5", "--max-iters", "4", "--run-name", "shared", "--seed", "2")
+        out, err = second.communicate(timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and err.strip().splitlines()[-1].startswith("error: another process is running in")
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert (run_dir / "command").read_text() == command and "--seed 1" in command
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "complete" and summary["seed"] == 1 and summary["iterations"] == 400
+    assert summary["status"] == "complete" and summary["seed"] == 1 and summary["iterations"] == 200
 
 
 def _lenet5_with_files_limited_to(project: Path, limit: int, name: str) -> subprocess.CompletedProcess:

@@ -3,12 +3,13 @@
 xdist's `loadfile` hands out whole test files: a file's module-scoped
 fixtures (a trained run, a copied project) are built once, not once per
 worker, and tests that go on from the state an earlier one left (a
-project's .config) keep their order. One change here: every file under a
-`slurm/` folder counts as one, so all tests of the real Slurm run on one
+project's .config) keep their order. Two changes here. Every file under a
+`slurm/` folder counts as one unit, so all tests of the real Slurm run on one
 worker: tests/slurm/conftest.py starts the machine's one slurmctld once per
 worker that asks for it. (xdist's `loadgroup` with `xdist_group` marks would
 say the same, but pytest-xdist 3.8.0 cannot rename pytest 9's test ids and
-silently runs the marked tests anywhere.)
+silently runs the marked tests anywhere.) And the units are handed out
+longest first (UNIT_SECONDS), so the two workers finish at about the same time.
 
 Other `--dist` modes, and runs without `-n`, are left as they are.
 """
@@ -18,6 +19,34 @@ from __future__ import annotations
 import pytest
 
 SLURM_FOLDER = "slurm"
+
+# The longest units, with the seconds their tests took in one full run (`--durations=0` summed by unit; two
+# workers, a loaded machine: only their order matters). They are handed out longest first, so the run does
+# not end with one worker on a long file while the other has nothing left; xdist's own order (most tests
+# first) left the end-to-end files, few tests each, for last. A unit not named here comes after them.
+UNIT_SECONDS = {
+    "tests/test_train_e2e.py": 1270,
+    "tests/test_defconfigs.py": 1029,
+    "tests/slurm": 375,
+    "tests/test_matrix_e2e.py": 320,
+    "tests/test_bench_e2e.py": 280,
+    "tests/lib/test_gpu_checks.py": 230,
+    "tests/test_distributed.py": 190,
+    "tests/test_pretrained_workflow_e2e.py": 169,
+    "tests/test_resume.py": 145,
+    "tests/test_makefile_quoting.py": 135,
+    "tests/test_plots_cli.py": 134,
+    "tests/test_trainers_learn.py": 123,
+    "tests/lib/test_gpu_readiness.py": 107,
+    "tests/test_shrink_convnets_e2e.py": 80,
+    "tests/test_export_e2e.py": 64,
+    "tests/test_make_schedule_e2e.py": 57,
+    "tests/lib/tracking/test_trackers_e2e.py": 46,
+    "tests/lib/test_loop_features.py": 35,
+    "tests/test_hf_gpt2.py": 31,
+    "tests/test_report_real_runs.py": 30,
+    "tests/bench/test_bench_inference.py": 30,
+}
 
 
 def work_unit(nodeid: str) -> str:
@@ -29,6 +58,11 @@ def work_unit(nodeid: str) -> str:
     return path
 
 
+def longest_unit(units: dict[str, dict]) -> str:
+    """The unit (name -> its tests) expected to take longest: by UNIT_SECONDS, then by number of tests."""
+    return max(units, key=lambda unit: (UNIT_SECONDS.get(unit, 0), len(units[unit])))
+
+
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist installed, pytest runs as ever
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile":
@@ -36,10 +70,15 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class FilesAndSlurmFolder(LoadScopeScheduling):
-        """loadfile's scheduler (also built on LoadScopeScheduling), with slurm/ as one unit."""
+        """loadfile's scheduler (also built on LoadScopeScheduling), with slurm/ as one unit, longest first."""
 
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            # xdist hands out the queue's first unit: put the longest left there.
+            self.workqueue.move_to_end(longest_unit(self.workqueue), last=False)
+            super()._assign_work_unit(node)
 
     return FilesAndSlurmFolder(config, log)
 
