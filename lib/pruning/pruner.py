@@ -278,8 +278,12 @@ class Pruner:
                 allocated += own
                 held = (allocated if weight_level else own) + structure.group_score_bytes(i) + self._calibration_bytes
                 state = self.optimizer.state.get(p, {})
-                if weight_level and self._native_keys_(i, p, state, out, pruned_before[i], ctx, counters):
-                    peak = max(peak, held)  # one C pass: nothing beside the keys
+                if self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx, counters,
+                                      keys=weight_level):
+                    peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
+                    if not weight_level:  # the structure folds the weights' scores into its groups' scores
+                        structure.add_scores(i, out)
+                        continue
                     key = out.view(-1).view(torch.int32)
                     structure.restrict_(i, key)
                     keys.append(key)
@@ -329,9 +333,10 @@ class Pruner:
         return Counters(torch.get_num_threads()) if native_selection() else None
 
     def _native_keys_(self, i: int, p: nn.Parameter, state: dict, out: torch.Tensor, any_pruned: bool,
-                      ctx: ScoreContext, counters: Counters | None) -> bool:
+                      ctx: ScoreContext, counters: Counters | None, keys: bool = True) -> bool:
         """Parameter i's selection keys written into `out` by one C pass (score, key, pruned weights lowest,
-        with `counters` the first histogram), for a score select.c has; False, nothing written, otherwise."""
+        with `counters` the first histogram), for a score select.c has; False, nothing written, otherwise.
+        keys=False: its float scores only (for a group structure)."""
         method = self.method
         if p.device.type != "cpu" or not isinstance(method, FunctionMethod) or not native_selection():
             return False  # (a GPU: bitter8's arguments would read Adam's step from the device)
@@ -340,7 +345,7 @@ class Pruner:
             return False
         formula, m, v, correction = arguments
         pruned = self.masks.bits[i] if any_pruned else None
-        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters)
+        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters, keys=keys)
 
     def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
         """Parameter i's float32 scores turned in place into its int32 selection keys.

@@ -216,6 +216,7 @@ typedef struct {
     int64_t begin, end;
     float correction;
     uint32_t *sub;                  /* NULL: no histogram */
+    int raw;                        /* the float scores themselves, not keys (a group structure sums them) */
 } score_work;
 
 #define SCORE_LOOP(EXPR)                                                \
@@ -223,7 +224,7 @@ typedef struct {
         float s = (EXPR);                                               \
         int32_t bits;                                                   \
         memcpy(&bits, &s, sizeof bits);                                 \
-        k[i] = bits ^ ((bits >> 31) & 0x7FFFFFFF);                      \
+        k[i] = raw ? bits : bits ^ ((bits >> 31) & 0x7FFFFFFF);         \
     }
 
 #define SCORE_BLOCK 2048            /* keys of a block stay in L1 for the pruned and counting loops */
@@ -234,6 +235,7 @@ static void *score_keys(void *arg)
     const float *restrict w = a->w, *restrict m = a->m, *restrict v = a->v;
     int32_t *restrict k = a->keys;
     const float corr = a->correction;
+    const int raw = a->raw;
     for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
         int64_t b1 = b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end;
         switch (a->formula) {
@@ -257,10 +259,17 @@ static void *score_keys(void *arg)
 
 /* Keys of n weights by `formula` (m, v: the optimizer's moments, NULL where the formula reads none;
  * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters.
- * Returns -1 for an unknown formula, writing nothing. */
+ * A negative formula -1 - f writes formula f's float scores themselves (no key, pruned and handle
+ * unused). Returns -1 for an unknown formula, writing nothing. */
 int kprune_score_keys(int formula, const float *w, const float *m, const float *v, int32_t *keys,
                       const uint8_t *pruned, int64_t n, float correction, void *handle, int threads)
 {
+    int raw = formula < 0;
+    if (raw) {
+        formula = -1 - formula;
+        pruned = NULL;
+        handle = NULL;
+    }
     if (formula < MAGNITUDE || formula > BITTER9)
         return -1;
     counters *c = handle;
@@ -268,7 +277,7 @@ int kprune_score_keys(int formula, const float *w, const float *m, const float *
     score_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         work[i] = (score_work){formula, w, m, v, keys, pruned, 0, 0, correction,
-                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL};
+                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, raw};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(score_keys, work, sizeof work[0], threads);

@@ -158,7 +158,8 @@ NATIVE_FORMULAS = {name: i for i, name in enumerate(
 
 
 def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, out: torch.Tensor,
-               pruned_bits: torch.Tensor | None, correction: float = 1.0, counters: Counters | None = None) -> bool:
+               pruned_bits: torch.Tensor | None, correction: float = 1.0, counters: Counters | None = None,
+               keys: bool = True) -> bool:
     """scores.<formula> of w written into `out` as selection keys, in one C pass per tensor.
 
     The values are the torch formula's, one rounding per operation in its order, except that the
@@ -166,7 +167,8 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     place); the keys are what floats_to_keys_ makes of them; pruned weights (`pruned_bits`, packed
     as MaskSet keeps them) get the lowest key; with `counters`, the keys' first histogram is
     counted in the same pass. m and v are Adam's moments (None where the formula reads neither),
-    `correction` bitter8's 1 - beta1^t.
+    `correction` bitter8's 1 - beta1^t. With keys=False the float scores themselves are written
+    (what a block or channel structure sums into its group scores; pruned_bits and counters unused).
 
     False, writing nothing, where the C pass cannot serve (not on the CPU, not contiguous float32,
     no C compiler, a formula it does not have): the caller scores with torch then.
@@ -184,7 +186,8 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     def address(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    return lib.kprune_score_keys(NATIVE_FORMULAS[formula], address(w), address(m), address(v), address(out),
+    code = NATIVE_FORMULAS[formula] if keys else -1 - NATIVE_FORMULAS[formula]
+    return lib.kprune_score_keys(code, address(w), address(m), address(v), address(out),
                                  address(pruned_bits), w.numel(), correction,
                                  counters.handle if counters else None, torch.get_num_threads()) == 0
 

@@ -19,6 +19,7 @@ from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import NATIVE_READS, STATE_VARIANTS, ScoreContext, magnitude, native_arguments
 from lib.pruning.selection import INT32_MIN, Counters, floats_to_keys_, score_keys
+from lib.pruning.structure import Block
 
 N = 70_001  # above the pass's one-thread limit (2**16): two threads split it, not at a multiple of 64
 FORMULAS = {fn.__name__: fn for fn in NATIVE_READS}
@@ -56,6 +57,21 @@ def test_the_c_pass_is_the_score_formula_bit_for_bit(name, monkeypatch):
     assert torch.equal(keys.view(torch.int32), floats_to_keys_(expected.clone())), name
     # and the scores are not all alike (a pass writing |w| for every formula would fail the others)
     assert len(torch.unique(keys.view(torch.int32))) > N // 2
+
+
+@pytest.mark.parametrize("name", ["bitter5", "bitter7"])
+def test_the_c_pass_writes_the_scores_themselves_for_a_group_structure(name, monkeypatch):
+    w, state = _inputs()
+    ctx = ScoreContext(step=7)
+    formula, m, v, correction = native_arguments(FORMULAS[name], state, ctx)
+    scores = torch.empty(N)
+    pruned = pack_bits(torch.ones(N, dtype=torch.bool))  # ignored: a group structure prunes groups
+    assert score_keys(formula, w, m, v, scores, pruned, correction, keys=False)
+    _correctly_rounded_sqrt(monkeypatch)
+    expected = torch.empty(N)
+    FORMULAS[name](w, state, expected, ctx)
+    assert torch.equal(scores.view(torch.int32), expected.view(torch.int32))
+    assert bool((scores < 0).any()) == (name == "bitter5")  # floats, not order-preserving keys
 
 
 def test_a_variant_without_its_adam_state_scores_magnitude_as_the_torch_function_does():
@@ -96,40 +112,42 @@ def test_the_c_pass_refuses_what_it_cannot_take():
     assert not score_keys("magnitude", w[::2], None, None, torch.empty(N // 2 + 1), None)  # not contiguous
 
 
-def _pruner(params, scope: str = "global") -> Pruner:
+def _pruner(params, scope: str = "global", kind: str = "unstructured") -> Pruner:
     opt = torch.optim.AdamW(params, lr=1e-3)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
     return Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("linear", start=1, end=3, final=0.6),
-                  build_method("magnitude"), opt, scope=scope)
+                  build_method("magnitude"), opt, scope=scope,
+                  structure=Block(4, 4) if kind == "block" else None)
 
 
-@pytest.mark.parametrize("scope", ["global", "layer"])
-def test_an_update_through_the_c_pass_selects_what_the_torch_scores_select(scope, monkeypatch):
+@pytest.mark.parametrize("kind, scope", [("unstructured", "global"), ("unstructured", "layer"), ("block", "global")])
+def test_an_update_through_the_c_pass_selects_what_the_torch_scores_select(kind, scope, monkeypatch):
     # Magnitude has no square root, so both paths score alike bit for bit. Two updates (the second keeps
     # the first's pruned weights), a pool above the sort's limit (the histograms run, the first counted
     # in the score pass under global scope).
     torch.set_num_threads(2)
-    shapes = [(384, 512), (700, 300), (33, 7)]
+    shapes = [(384, 512), (700, 300), (36, 8)]
     assert sum(a * b for a, b in shapes) > selection.SMALL_SELECTION
     bits, passes = {}, {}
     for path in ("c", "torch"):
         torch.manual_seed(0)  # the same gradients, so the same weights, for both
         params = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
-        pruner = _pruner(params, scope)
+        pruner = _pruner(params, scope, kind)
         calls = []
         native = Pruner._native_keys_
 
-        def counted(self, *args, path=path):
+        def counted(self, *args, path=path, **kwargs):
             calls.append(1)
-            return native(self, *args) if path == "c" else False
+            return native(self, *args, **kwargs) if path == "c" else False
         monkeypatch.setattr(Pruner, "_native_keys_", counted)
         for step in (2, 3):  # sparsity 0.3, then 0.6
             for p in params:
                 p.grad = torch.randn_like(p)
             pruner.after_step(step)
         bits[path], passes[path] = [b.clone() for b in pruner.masks.bits], len(calls)
-        assert pruner.masks.count() == pruner.pruned_count == pruner.target_groups(0.6) > 0
+        assert pruner.masks.count() == pruner.pruned_count > 0
+        assert pruner.structure.pruned_groups() == pruner.target_groups(0.6)  # weights, or 4 x 4 tiles
     assert passes["c"] == passes["torch"] == 2 * len(shapes)
     assert all(torch.equal(a, b) for a, b in zip(bits["c"], bits["torch"]))
