@@ -57,7 +57,7 @@ def main() -> int:
                     build_method("state", "bitter7"), optimizer)
     gradients = [p.grad.clone() for p in params]
     native, store, piece = selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK
-    one_pass, torch_scores = Pruner._native_keys_, lambda *a: False
+    one_pass, torch_scores = Pruner._native_keys_, lambda *a, **k: False
     whole = 1 << 62
     variants = {"now": (native, store, piece, one_pass), "torch_scores": (native, store, piece, torch_scores),
                 "whole_scores": (native, store, whole, torch_scores),
