@@ -45,6 +45,20 @@ typedef struct {
     int64_t begin, end;            /* range of the concatenated elements */
 } adam_work;
 
+static inline __attribute__((always_inline)) uint32_t as_bits(float x)
+{
+    uint32_t b;
+    memcpy(&b, &x, sizeof b);
+    return b;
+}
+
+static inline __attribute__((always_inline)) float as_float(uint32_t b)
+{
+    float x;
+    memcpy(&x, &b, sizeof x);
+    return x;
+}
+
 /* The loop, specialised below for each combination of (mask, AMSGrad, L2) so that no test of them
  * is left inside it: with them inside, the loop ran at half the speed of torch's fused step. */
 static inline __attribute__((always_inline)) void loop(const adam_tensor *t, const adam_scalars *s, int64_t lo,
@@ -56,9 +70,18 @@ static inline __attribute__((always_inline)) void loop(const adam_tensor *t, con
     const float b1c = s->one_minus_beta1, b2 = s->beta2, b2c = s->one_minus_beta2, eps = s->eps;
     const float decay = s->decay, l2 = s->l2, step = -t->step_size, bc2 = t->bc2_sqrt, scale = s->grad_scale;
     for (int64_t i = lo; i < hi; i++) {
-        float wi = w[i], gr = scaled ? g[i] * scale : g[i];  /* read unconditionally: a select, not a masked load */
-        /* masked after scaling: a pruned weight takes 0 even from a non-finite coefficient */
-        float gi = (mask && wi == 0.0f) ? 0.0f : gr;
+        float wi = w[i], gi;
+        if (mask) {
+            /* On the bits, not a select on a float comparison: gcc folds such a select into a masked
+             * load of g, which ran 15-45% slower (measured; AMD EPYC). Masked again after scaling: a
+             * pruned weight takes 0 even from a non-finite coefficient. */
+            /* keep: all ones unless w is +0 or -0, as shifts (a comparison would become the mask register) */
+            uint32_t keep = ~(uint32_t)((int32_t)((as_bits(wi) & 0x7fffffffu) - 1) >> 31), gb = as_bits(g[i]) & keep;
+            gi = as_float(gb);
+            if (scaled)
+                gi = as_float(as_bits(gi * scale) & keep);
+        } else
+            gi = scaled ? g[i] * scale : g[i];
         if (l2_on)
             gi = gi + l2 * wi;
         wi = wi * decay;            /* exact when decay is 1 */
