@@ -18,9 +18,10 @@ from lib.pruning.schedules import Schedule
 SIZES = [(70001,), (3, 11), (257, 389)]
 
 
-def _params(seed: int = 0) -> list[nn.Parameter]:
+def pruned_params(seed: int = 0, sizes: list[tuple[int, ...]] = SIZES) -> list[nn.Parameter]:
+    """Random parameters of `sizes` with every third weight exactly 0 (what pruning leaves)."""
     g = torch.Generator().manual_seed(seed)
-    params = [nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in sizes]
     with torch.no_grad():
         for p in params:
             p.view(-1)[::3] = 0.0  # "pruned" weights: exactly zero
@@ -29,7 +30,7 @@ def _params(seed: int = 0) -> list[nn.Parameter]:
 
 def _run(cls, amsgrad: bool, masked: bool, use_c: bool, monkeypatch, steps: int = 5, wd: float = 0.1,
          grad_scale=1.0):
-    params = _params()
+    params = pruned_params()
     opt = cls(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd, amsgrad=amsgrad)
     if masked:
         opt.masked_params = frozenset(id(p) for p in params)
@@ -57,7 +58,7 @@ def test_c_kernel_equals_the_reference_bit_for_bit(cls, amsgrad, masked, grad_sc
     if grad_scale != 1.0:  # the scale reached the step: exp_avg is not what unscaled gradients give
         unscaled, opt = _run(cls, amsgrad, masked, True, monkeypatch)
         assert not torch.equal(opt.state[unscaled[0]]["exp_avg"], c_opt.state[c_params[0]]["exp_avg"])
-    for cp, rp, start in zip(c_params, r_params, _params()):
+    for cp, rp, start in zip(c_params, r_params, pruned_params()):
         assert torch.equal(cp, rp)
         for key in ("exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else [])):
             assert torch.equal(c_opt.state[cp][key], r_opt.state[rp][key]), key
@@ -72,7 +73,7 @@ def test_c_kernel_equals_the_reference_bit_for_bit(cls, amsgrad, masked, grad_sc
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_unmasked_step_is_torchs_adam_to_float_rounding(cls, ref, amsgrad, monkeypatch):
     ours, _ = _run(cls, amsgrad, False, True, monkeypatch, steps=10)
-    theirs = _params()
+    theirs = pruned_params()
     opt = ref(theirs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
     g = torch.Generator().manual_seed(1)
     for _ in range(10):

@@ -24,18 +24,14 @@ from lib.grad_clip import clip_coefficient, clipped_step, masked_grad_norm
 from lib.kconfig import REPO_ROOT
 from lib.settings import settings_from_namespace
 from lib.train_loop import run
+from tests.lib.test_fused_adam import pruned_params
 
 # Above the kernels' one-thread limit, across tensor and norm-block borders (8192 elements).
 SIZES = [(70001,), (3, 11), (257, 389), (3 * 8192 + 5,)]
 
 
 def _params(seed: int = 0) -> list[nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    params = [nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
-    with torch.no_grad():
-        for p in params:
-            p.view(-1)[::3] = 0.0  # "pruned" weights: exactly zero
-    return params
+    return pruned_params(seed, SIZES)
 
 
 def _grads(params, g: torch.Generator) -> None:
