@@ -136,7 +136,7 @@ def test_mask_update_check_needs_the_score_memory_recorded_and_waits_not_growing
     from lib.pruning.scores import SCORE_CHUNK
 
     def torch_scores():  # what a GPU runs (on the CPU select.c's one pass scores with no intermediates)
-        monkeypatch.setattr(Pruner, "_native_keys_", lambda *args: False)
+        monkeypatch.setattr(Pruner, "_native_keys_", lambda *args, **kwargs: False)
 
     torch_scores()
     out = gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)
