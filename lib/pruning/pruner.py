@@ -278,29 +278,29 @@ class Pruner:
                 allocated += own
                 held = (allocated if weight_level else own) + structure.group_score_bytes(i) + self._calibration_bytes
                 state = self.optimizer.state.get(p, {})
-                if self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx, counters,
-                                      keys=weight_level):
+                native = self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx,
+                                            counters, keys=weight_level)
+                if native:
                     peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
-                    if not weight_level:  # the structure folds the weights' scores into its groups' scores
-                        structure.add_scores(i, out)
-                        continue
-                    key = out.view(-1).view(torch.int32)
-                    structure.restrict_(i, key)
-                    keys.append(key)
-                    continue
-                # Score memory while this weight is scored: the buffers held (the keys keep every one; a group
-                # structure folds each into its group scores and drops it), the group scores, a float32 copy of
-                # a weight of another dtype and the score's declared intermediates.
-                transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
-                             + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
-                peak = max(peak, held + transient)
-                self.method.score(i, p.detach().float(), state, out, ctx)
+                else:
+                    # Score memory while this weight is scored: the buffers held (the keys keep every one; a
+                    # group structure folds each into its group scores and drops it), the group scores, a
+                    # float32 copy of a weight of another dtype and the score's declared intermediates.
+                    transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
+                                 + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
+                    peak = max(peak, held + transient)
+                    self.method.score(i, p.detach().float(), state, out, ctx)
                 if not weight_level:  # the structure folds the weights' scores into its groups' scores
                     structure.add_scores(i, out)
                     continue
-                keys.append(self._keys_(i, out, pruned_before[i]))
-                if counters is not None:
-                    count_first_histogram(keys[-1], counters)
+                if native:  # already keys, pruned weights lowest
+                    key = out.view(-1).view(torch.int32)
+                    structure.restrict_(i, key)
+                else:
+                    key = self._keys_(i, out, pruned_before[i])
+                    if counters is not None:
+                        count_first_histogram(key, counters)
+                keys.append(key)
             self.peak_score_bytes = max(self.peak_score_bytes, peak)
             if not weight_level:
                 structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
