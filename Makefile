@@ -192,10 +192,11 @@ demo: $(STAMP)
 # Two pytest-xdist workers, a test file at a time, all of tests/slurm/ on one (tests/worker_groups.py);
 # PYTEST_ARGS="-n 0" runs the suite in one process.
 PARALLEL_TESTS := -n 2 --dist loadfile -p tests.worker_groups
-test: $(STAMP)
+# The tracker tests run against the real packages (never skipped), so the suite installs them first.
+test: $(STAMP) install-trackers
 	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$(PARALLEL_TESTS) $${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) install-trackers
 	@$(if $(strip $(VENV)),,$(PY) -m scripts.check_env --tests &&) PYTEST_ADDOPTS="$(PARALLEL_TESTS) $${PYTEST_ADDOPTS:-} $$KPRUNE_PYTEST_ARGS" $(PY) -m pytest -m "not slow"
 
 clean:

@@ -37,7 +37,7 @@ SPEC_SUMMARY_KEYS = {"model", "optimizer", "pruning_method", "variant", "schedul
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("project")
-    for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "defconfigs", "lib", "gpt2",
+    for name in ["Kconfig", "Makefile", "requirements.txt", "requirements-hub.txt", "requirements-trackers.txt", "defconfigs", "lib", "gpt2",
                  "lenet5", "resnet", "scripts", "tests"]:
         src = REPO_ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
