@@ -32,12 +32,13 @@ from lib.pruning.registry import LAYER_CAP, method_problem
 from lib.pruning.schedules import Schedule
 from lib.pruning.scores import ScoreContext, ScoreFn, native_arguments, score_chunk_numel
 from lib.pruning.selection import (INT32_MIN, SMALL_SELECTION, Counters, count_first_histogram, floats_to_keys_,
-                                   iter_selection, kth_threshold, native_selection, score_keys, settle_ties_,
-                                   store_selection)
+                                   iter_selection, kth_threshold, native_selection, sample_keys, score_keys,
+                                   settle_ties_, store_selection)
 # target_count and layer_adaptive_counts are imported from here by their users
 from lib.pruning.scope import (Counts, check_scope, layer_adaptive_counts, row_select, scope_counts,  # noqa: F401
                                select_groups, target_count)
 from lib.pruning.structure import Structure
+from lib.pruning import window
 
 
 
@@ -268,6 +269,9 @@ class Pruner:
         counters = self._first_histogram() if weight_level and not structure.restricts and counts.per_layer is None \
             and counts.per_row is None else None
         try:
+            if counters is not None and counts.total:  # a sample of the keys: the window that holds the k-th
+                peak = self._set_window(counters, counts.total, pruned_before, ctx)
+            position = 0  # of the parameter's first weight in the pool
             for i, p in enumerate(masks.params):
                 out, own = _spent_gradient(p) if gradients_spent else None, 0
                 if out is None:
@@ -276,10 +280,12 @@ class Pruner:
                 else:
                     borrowed.append(p)
                 allocated += own
-                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + self._calibration_bytes
+                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + self._calibration_bytes \
+                    + (counters.window_bytes if counters is not None else 0)
                 state = self.optimizer.state.get(p, {})
                 native = self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx,
-                                            counters, keys=weight_level)
+                                            counters, keys=weight_level, position=position)
+                position += p.numel()
                 if native:
                     peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
                 else:
@@ -299,7 +305,7 @@ class Pruner:
                 else:
                     key = self._keys_(i, out, pruned_before[i])
                     if counters is not None:
-                        count_first_histogram(key, counters)
+                        count_first_histogram(key, counters, position - p.numel())
                 keys.append(key)
             self.peak_score_bytes = max(self.peak_score_bytes, peak)
             if not weight_level:
@@ -332,11 +338,41 @@ class Pruner:
             return None
         return Counters(torch.get_num_threads()) if native_selection() else None
 
+    def _set_window(self, counters: Counters, k: int, pruned_before: list[bool], ctx: ScoreContext) -> int:
+        """Score a sample of every weight (a few cache lines each, select.c's pass) and set the window that
+        holds the k-th key (lib/pruning/window.py) on `counters`; returns the bytes held at once while
+        sampling. No window where a weight cannot be scored by select.c (the first pass then counts the
+        histogram as before)."""
+        method, params, n = self.method, self.masks.params, self.masks.numel
+        if not isinstance(method, FunctionMethod) or not window.WINDOW_FROM <= n <= 1 << 32:  # 32-bit positions
+            return 0
+        budget = window.sample_budget(n)
+        parts, held = [], 0
+        for i, p in enumerate(params):
+            arguments = native_arguments(method.fn, self.optimizer.state.get(p, {}), ctx)
+            if arguments is None:
+                return 0
+            formula, m, v, correction = arguments
+            key = sample_keys(formula, p.detach(), m, v, self.masks.bits[i] if pruned_before[i] else None,
+                              *window.sample_lines(p.numel(), n, budget), correction)
+            if key is None:
+                return 0
+            parts.append(key)
+            held += 4 * key.numel()
+        sample = torch.cat(parts)
+        del parts
+        peak = 2 * held  # the parts and their concatenation
+        chosen = window.choose_window(sample, n, k, counters.threads)
+        if chosen is not None:
+            counters.set_window(*chosen)
+        return peak
+
     def _native_keys_(self, i: int, p: nn.Parameter, state: dict, out: torch.Tensor, any_pruned: bool,
-                      ctx: ScoreContext, counters: Counters | None, keys: bool = True) -> bool:
+                      ctx: ScoreContext, counters: Counters | None, keys: bool = True, position: int = 0) -> bool:
         """Parameter i's selection keys written into `out` by one C pass (score, key, pruned weights lowest,
-        with `counters` the first histogram), for a score select.c has; False, nothing written, otherwise.
-        keys=False: its float scores only (for a group structure)."""
+        with `counters` the first histogram or the window's count; `position`: of p's first weight in the pool),
+        for a score select.c has; False, nothing written, otherwise. keys=False: its float scores only (for a
+        group structure)."""
         method = self.method
         if p.device.type != "cpu" or not isinstance(method, FunctionMethod) or not native_selection():
             return False  # (a GPU: bitter8's arguments would read Adam's step from the device)
@@ -345,7 +381,7 @@ class Pruner:
             return False
         formula, m, v, correction = arguments
         pruned = self.masks.bits[i] if any_pruned else None
-        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters, keys=keys)
+        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters, keys=keys, position=position)
 
     def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
         """Parameter i's float32 scores turned in place into its int32 selection keys.
@@ -378,13 +414,19 @@ class Pruner:
     def _store(self, keys: list[torch.Tensor], k: int, first: int, counted: Counters | None = None) -> None:
         """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ...
 
-        `counted`: counters holding the keys' first histogram already."""
+        `counted`: counters holding the keys' first histogram already (or the finds of their window)."""
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
-        thr = kth_threshold(keys, k, first_histogram=counted) if k else None
+        found = window.window_threshold(counted, k) if k and counted is not None and counted.windowed else None
+        tied = None
+        if found is not None:
+            thr, tied = found
+        else:  # (a window that missed counted no histogram: the histograms are counted over the keys)
+            thr = kth_threshold(keys, k, first_histogram=None if counted is None or counted.windowed else counted) \
+                if k else None
         first_index = sum(p.numel() for p in self.masks.params[:first])
         if thr is not None:  # on the CPU, the usual few tied keys are settled in the keys (the same choice)
-            thr = settle_ties_(keys, thr, first_index)
+            thr = settle_ties_(keys, thr, first_index, where=tied)
         indices = range(first, first + len(keys))
         if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
                                                [self.masks.zero_targets(self.masks.params[i], self.optimizer)

@@ -5,6 +5,9 @@
  * key, pruned weights given the lowest key, and optionally the first radix histogram counted,
  * all in one pass that reads the weight and the optimizer states it needs and writes the key.
  * kprune_histogram: the radix-histogram passes that find the k-th key.
+ * kprune_counters_window: instead of the first histogram, count the keys below a window [lo, hi]
+ * that a sample says holds the k-th key, and collect the keys inside it with their positions: the
+ * k-th key is then found among those few, and no second pass over every key is needed.
  * kprune_find_equal: where the keys equal to the threshold are, when only some of them are selected.
  * kprune_select_store: the pass after them, when every key equal to the threshold is
  * selected: the mask bits (key <= threshold, 8 to a byte, least significant bit first)
@@ -56,6 +59,12 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
 typedef struct {
     int threads;
     uint32_t *sub;                  /* threads x COPIES x STRIDE */
+    /* Window mode (kprune_counters_window): a first pass counts the keys below lo and appends each key
+     * in [lo, hi] as key << 32 | its position in the pool to its thread's part of `found` (cap each). */
+    int window;
+    int32_t lo, hi;
+    int64_t *found, cap;
+    int64_t used[MAX_THREADS], below[MAX_THREADS];  /* used may pass cap: the part is full, the window fails */
 } counters;
 
 /* Counters for passes of up to `threads` threads; NULL if there is no memory. A thread's uint32
@@ -68,6 +77,7 @@ void *kprune_counters_new(int threads)
     if (c == NULL)
         return NULL;
     c->threads = threads;
+    c->window = 0;
     c->sub = calloc((size_t)threads * COPIES * STRIDE, sizeof(uint32_t));
     if (c->sub == NULL) {
         free(c);
@@ -90,6 +100,34 @@ int64_t kprune_counters_take(void *handle, int64_t *hist)
     }
     memset(c->sub, 0, (size_t)c->threads * COPIES * STRIDE * sizeof(uint32_t));
     return zeros;
+}
+
+/* From now on a first pass over keys counts those below lo and collects those in [lo, hi] (lo > INT32_MIN,
+ * lo <= hi) into found (threads x cap int64), instead of the first histogram. */
+void kprune_counters_window(void *handle, int32_t lo, int32_t hi, int64_t *found, int64_t cap)
+{
+    counters *c = handle;
+    c->window = 1;
+    c->lo = lo;
+    c->hi = hi;
+    c->found = found;
+    c->cap = cap;
+    memset(c->used, 0, sizeof c->used);
+    memset(c->below, 0, sizeof c->below);
+}
+
+/* Ends window mode: used[0..threads) = how many keys each thread found (more than cap: its part
+ * overflowed); returns how many keys were below lo. */
+int64_t kprune_counters_window_take(void *handle, int64_t *used)
+{
+    counters *c = handle;
+    int64_t below = 0;
+    for (int t = 0; t < c->threads; t++) {
+        used[t] = c->used[t];
+        below += c->below[t];
+    }
+    c->window = 0;
+    return below;
 }
 
 void kprune_counters_free(void *handle)
@@ -139,15 +177,55 @@ static inline void count_high(uint32_t *restrict s, const int32_t *restrict k, i
     s[ZEROS] += zeros;
 }
 
+/* Window mode's first pass over keys [begin, end) of thread t (positions offset + i): the keys below
+ * lo counted, those in [lo, hi] appended. Few keys lie in the window: GROUP keys are tested at once
+ * (vectorised) and only a group holding one of them is looked at key by key. */
+#define GROUP 32                    /* keys tested at once (two 64-byte vectors of keys) */
+
+static void window_keys(counters *c, int t, const int32_t *restrict k, int64_t begin, int64_t end, int64_t offset)
+{
+    const int32_t lo = c->lo;
+    const uint32_t ulo = (uint32_t)lo, span = (uint32_t)c->hi - (uint32_t)lo;
+    int64_t *restrict out = c->found + (int64_t)t * c->cap;
+    const int64_t cap = c->cap;
+    int64_t used = c->used[t], below = 0, i = begin;
+    for (; i + GROUP <= end; i += GROUP) {
+        int inside = 0;
+        for (int j = 0; j < GROUP; j++) {
+            below += k[i + j] < lo;
+            inside |= (uint32_t)k[i + j] - ulo <= span;
+        }
+        if (inside)
+            for (int j = 0; j < GROUP; j++)
+                if ((uint32_t)k[i + j] - ulo <= span) {
+                    if (used < cap)
+                        out[used] = (int64_t)((uint64_t)(uint32_t)k[i + j] << 32 | (uint32_t)(offset + i + j));
+                    used++;
+                }
+    }
+    for (; i < end; i++) {
+        below += k[i] < lo;
+        if ((uint32_t)k[i] - ulo <= span) {
+            if (used < cap)
+                out[used] = (int64_t)((uint64_t)(uint32_t)k[i] << 32 | (uint32_t)(offset + i));
+            used++;
+        }
+    }
+    c->used[t] = used;
+    c->below[t] += below;
+}
+
 typedef struct {
     const int32_t *keys;
     int64_t begin, end;
     int low_pass;
     int32_t high;
     uint32_t *sub;                  /* COPIES x STRIDE counts of this thread's own */
+    counters *c;                    /* in window mode (pass 1 only): where thread t's finds go */
+    int t;
+    int64_t offset;
 } hist_work;
 
-#define GROUP 32                    /* keys tested at once in pass 2 (two 64-byte vectors of keys) */
 
 static void *count(void *arg)
 {
@@ -155,7 +233,10 @@ static void *count(void *arg)
     const int32_t *restrict k = w->keys;
     uint32_t *restrict s = w->sub;
     if (!w->low_pass) {
-        count_high(s, k, w->begin, w->end);
+        if (w->c->window)
+            window_keys(w->c, w->t, k, w->begin, w->end, w->offset);
+        else
+            count_high(s, k, w->begin, w->end);
         return NULL;
     }
     const int32_t high = w->high;
@@ -188,13 +269,15 @@ static void *count(void *arg)
     return NULL;
 }
 
-void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads)
+/* offset: the position in the pool of keys[0] (window mode keeps positions) */
+void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads,
+                      int64_t offset)
 {
     counters *c = handle;
     threads = pass_threads(threads, c, n, (int64_t)1 << 18);
     hist_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
-        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE};
+        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE, c, i, offset};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(count, work, sizeof work[0], threads);
@@ -216,6 +299,9 @@ typedef struct {
     int64_t begin, end;
     float correction;
     uint32_t *sub;                  /* NULL: no histogram */
+    counters *c;                    /* its window mode: the window's count instead of the histogram */
+    int t;
+    int64_t offset;                 /* position of w[0] in the pool */
     int raw;                        /* the float scores themselves, not keys (a group structure sums them) */
 } score_work;
 
@@ -229,16 +315,12 @@ typedef struct {
 
 #define SCORE_BLOCK 2048            /* keys of a block stay in L1 for the pruned and counting loops */
 
-static void *score_keys(void *arg)
+/* k[b0..b1) = the keys (raw: the float scores) of w[b0..b1) by `formula` */
+static inline void score_range(int formula, const float *restrict w, const float *restrict m,
+                               const float *restrict v, int32_t *restrict k, int64_t b0, int64_t b1,
+                               float corr, int raw)
 {
-    const score_work *a = arg;
-    const float *restrict w = a->w, *restrict m = a->m, *restrict v = a->v;
-    int32_t *restrict k = a->keys;
-    const float corr = a->correction;
-    const int raw = a->raw;
-    for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
-        int64_t b1 = b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end;
-        switch (a->formula) {
+        switch (formula) {
         case MAGNITUDE: SCORE_LOOP(fabsf(w[i])) break;
         case BITTER0: SCORE_LOOP(w[i] * w[i] * fabsf(m[i]) / (sqrtf(v[i]) + EPS)) break;
         case BITTER3: SCORE_LOOP(bitter3_(w[i], m[i])) break;
@@ -248,21 +330,34 @@ static void *score_keys(void *arg)
         case BITTER8: SCORE_LOOP(fabsf(sqrtf(fabsf(m[i]) / corr + EPS) * w[i])) break;
         case BITTER9: SCORE_LOOP(bitter3_(w[i], m[i]) - mtz(w[i], m[i], v[i]) * 0.1f) break;
         }
+}
+
+static void *score_keys(void *arg)
+{
+    const score_work *a = arg;
+    int32_t *restrict k = a->keys;
+    for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
+        int64_t b1 = b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end;
+        score_range(a->formula, a->w, a->m, a->v, k, b0, b1, a->correction, a->raw);
         if (a->pruned != NULL)      /* pruned stays pruned: the lowest key */
             for (int64_t i = b0; i < b1; i++)
                 k[i] = (a->pruned[i >> 3] >> (i & 7)) & 1 ? INT32_MIN : k[i];
-        if (a->sub != NULL)
+        if (a->c != NULL && a->c->window)
+            window_keys(a->c, a->t, k, b0, b1, a->offset);
+        else if (a->sub != NULL)
             count_high(a->sub, k, b0, b1);
     }
     return NULL;
 }
 
 /* Keys of n weights by `formula` (m, v: the optimizer's moments, NULL where the formula reads none;
- * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters.
+ * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters (in
+ * window mode: the window's count and finds, positions from offset, the pool position of w[0]).
  * A negative formula -1 - f writes formula f's float scores themselves (no key, pruned and handle
  * unused). Returns -1 for an unknown formula, writing nothing. */
 int kprune_score_keys(int formula, const float *w, const float *m, const float *v, int32_t *keys,
-                      const uint8_t *pruned, int64_t n, float correction, void *handle, int threads)
+                      const uint8_t *pruned, int64_t n, float correction, void *handle, int threads,
+                      int64_t offset)
 {
     int raw = formula < 0;
     if (raw) {
@@ -277,10 +372,31 @@ int kprune_score_keys(int formula, const float *w, const float *m, const float *
     score_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         work[i] = (score_work){formula, w, m, v, keys, pruned, 0, 0, correction,
-                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, raw};
+                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, c, i, offset, raw};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(score_keys, work, sizeof work[0], threads);
+    return 0;
+}
+
+/* kprune_sample_keys: the keys of a sample of n weights (lib/pruning/window.py): `runs` runs of `len`
+ * consecutive weights, the r-th starting at r * stride (runs * stride <= n), into out[runs * len], pruned
+ * weights the lowest key, as kprune_score_keys writes them. Returns -1 for an unknown formula. */
+int kprune_sample_keys(int formula, const float *w, const float *m, const float *v, const uint8_t *pruned,
+                       int64_t runs, int64_t stride, int64_t len, float correction, int32_t *out)
+{
+    if (formula < MAGNITUDE || formula > BITTER9)
+        return -1;
+    for (int64_t r = 0; r < runs; r++) {
+        int64_t base = r * stride;
+        int32_t *k = out + r * len;
+        score_range(formula, w + base, m != NULL ? m + base : NULL, v != NULL ? v + base : NULL, k, 0, len,
+                    correction, 0);
+        if (pruned != NULL)
+            for (int64_t i = 0; i < len; i++)
+                if ((pruned[(base + i) >> 3] >> ((base + i) & 7)) & 1)
+                    k[i] = INT32_MIN;
+    }
     return 0;
 }
 

@@ -87,7 +87,7 @@ def kth_threshold(keys: list[torch.Tensor], k: int, first_histogram: "Counters |
                 # pass 2 skips groups of keys outside the bin when few keys are inside it (an eighth at most)
                 kind = 0 if high is None else 2 if inside * 8 <= n else 1
                 for t in keys:  # one C pass per tensor, reading each key once
-                    lib.kprune_histogram(t.data_ptr(), t.numel(), kind, high or 0, counters.handle, threads)
+                    lib.kprune_histogram(t.data_ptr(), t.numel(), kind, high or 0, counters.handle, threads, 0)
             counted = False
             return counters.take(hist)
 
@@ -99,6 +99,7 @@ class Counters:
 
     def __init__(self, threads: int):
         self.lib = _native()
+        self.threads = max(1, min(threads, 64))  # select.c's MAX_THREADS
         self.handle = self.lib.kprune_counters_new(threads)
         if not self.handle:
             raise MemoryError("no memory for the selection's histogram counters")
@@ -108,7 +109,40 @@ class Counters:
         were exactly 0. The counters start again from zero."""
         return self.lib.kprune_counters_take(self.handle, hist.data_ptr())
 
+    def set_window(self, lo: int, hi: int, capacity: int) -> None:
+        """From now on the first pass counts the keys below `lo` and collects those in [lo, hi] (with their
+        pool positions, `capacity` per thread) instead of the first histogram: see window_threshold."""
+        assert INT32_MIN < lo <= hi < 2 ** 31, (lo, hi)
+        self.found = torch.empty(self.threads * capacity, dtype=torch.int64)
+        self.capacity = capacity
+        self.lib.kprune_counters_window(self.handle, lo, hi, self.found.data_ptr(), capacity)
+
+    @property
+    def window_bytes(self) -> int:
+        """Memory the window's finds take (0 without a window)."""
+        found = getattr(self, "found", None)
+        return 0 if found is None else found.numel() * found.element_size()
+
+    @property
+    def windowed(self) -> bool:
+        """Whether a window was set: the first pass then counted no histogram."""
+        return getattr(self, "capacity", None) is not None
+
+    def take_window(self) -> tuple[int, list[torch.Tensor]] | None:
+        """(how many keys lay below the window, its finds: key << 32 | pool position, int64, one tensor per
+        thread) after the first pass; None if there was no window or a thread found more than its room."""
+        found = getattr(self, "found", None)
+        if found is None:
+            return None
+        self.found = None
+        used = torch.zeros(self.threads, dtype=torch.int64)
+        below = self.lib.kprune_counters_window_take(self.handle, used.data_ptr())
+        if int(used.max()) > self.capacity:
+            return None
+        return below, [found[t * self.capacity:t * self.capacity + int(used[t])] for t in range(self.threads)]
+
     def close(self) -> None:
+        self.found = None
         if self.handle:
             self.lib.kprune_counters_free(self.handle)
             self.handle = None
@@ -139,8 +173,11 @@ def _native() -> ctypes.CDLL | None:
             "kprune_counters_new": ([cint], ptr),
             "kprune_counters_take": ([ptr, ptr], i64),
             "kprune_counters_free": ([ptr], None),
-            "kprune_histogram": ([ptr, i64, cint, i32, ptr, cint], None),
-            "kprune_score_keys": ([cint, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, cint], cint),
+            "kprune_histogram": ([ptr, i64, cint, i32, ptr, cint, i64], None),
+            "kprune_score_keys": ([cint, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, cint, i64], cint),
+            "kprune_counters_window": ([ptr, i32, i32, ptr, i64], None),
+            "kprune_sample_keys": ([cint, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr], cint),
+            "kprune_counters_window_take": ([ptr, ptr], i64),
             "kprune_find_equal": ([ptr, i64, i32, i64, ptr, i64], i64),
             "kprune_select_store": ([ptr, i64, i32, ptr, ptr, cint, cint], cint),
             "kprune_nm_cap": ([ptr, i64, cint, i64, cint, cint], None),
@@ -159,14 +196,15 @@ NATIVE_FORMULAS = {name: i for i, name in enumerate(
 
 def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, out: torch.Tensor,
                pruned_bits: torch.Tensor | None, correction: float = 1.0, counters: Counters | None = None,
-               keys: bool = True) -> bool:
+               keys: bool = True, position: int = 0) -> bool:
     """scores.<formula> of w written into `out` as selection keys, in one C pass per tensor.
 
     The values are the torch formula's, one rounding per operation in its order, except that the
     square roots are correctly rounded (torch's CPU square root may be one unit off in the last
     place); the keys are what floats_to_keys_ makes of them; pruned weights (`pruned_bits`, packed
     as MaskSet keeps them) get the lowest key; with `counters`, the keys' first histogram is
-    counted in the same pass. m and v are Adam's moments (None where the formula reads neither),
+    counted in the same pass (or, with a window set, the window's count and finds: `position` is the
+    pool position of w's first weight). m and v are Adam's moments (None where the formula reads neither),
     `correction` bitter8's 1 - beta1^t. With keys=False the float scores themselves are written
     (what a block or channel structure sums into its group scores; pruned_bits and counters unused).
 
@@ -189,7 +227,23 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     code = NATIVE_FORMULAS[formula] if keys else -1 - NATIVE_FORMULAS[formula]
     return lib.kprune_score_keys(code, address(w), address(m), address(v), address(out),
                                  address(pruned_bits), w.numel(), correction,
-                                 counters.handle if counters else None, torch.get_num_threads()) == 0
+                                 counters.handle if counters else None, torch.get_num_threads(), position) == 0
+
+
+def sample_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,
+                pruned_bits: torch.Tensor | None, runs: int, stride: int, length: int,
+                correction: float = 1.0) -> torch.Tensor | None:
+    """The keys score_keys would write for `runs` runs of `length` consecutive weights of w, the r-th from
+    r * stride (int32, runs * length); None where score_keys could not serve."""
+    lib = _native()
+    if lib is None or formula not in NATIVE_FORMULAS or runs * stride > w.numel() or stride < length or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
+            for t in (w, m, v) if t is not None):
+        return None
+    out = torch.empty(runs * length, dtype=torch.int32)
+    ptr = [None if t is None else t.data_ptr() for t in (w, m, v, pruned_bits)]
+    lib.kprune_sample_keys(NATIVE_FORMULAS[formula], *ptr, runs, stride, length, correction, out.data_ptr())
+    return out
 
 
 def native_selection() -> bool:
@@ -197,22 +251,26 @@ def native_selection() -> bool:
     return _native() is not None
 
 
-def count_first_histogram(key: torch.Tensor, counters: Counters) -> None:
-    """Add the CPU int32 keys `key` (written by torch, not score_keys) to the counters' first histogram."""
-    _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads())
+def count_first_histogram(key: torch.Tensor, counters: Counters, position: int = 0) -> None:
+    """Add the CPU int32 keys `key` (written by torch, not score_keys) to the counters' first histogram
+    (with a window set: to the window's count and finds; `position`: the pool position of key[0])."""
+    _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads(),
+                               position)
 
 
 TIES_SETTLED_AT_MOST = 1 << 20  # tied keys settle_ties_ takes on (8 MiB of positions); beyond, iter_selection
 
 
-def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0) -> Threshold:
+def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0,
+                 where: torch.Tensor | None = None) -> Threshold:
     """Break the threshold's tie in the keys themselves, so that every key equal to it is selected.
 
     Of the keys equal to thr.key, those iter_selection would not take (all but the thr.ties whose
     global indices hash lowest) are raised to thr.key + 1, a key above the threshold: then
     selecting `key <= threshold` (store_selection's one pass) selects what iter_selection would.
     Where the keys are on the CPU and there are at most TIES_SETTLED_AT_MOST tied keys (one C pass
-    finds them); otherwise `thr` is returned unchanged. The keys are the update's scratch scores.
+    finds them, unless `where` gives their global indices: the selection's window found them);
+    otherwise `thr` is returned unchanged. The keys are the update's scratch scores.
     """
     lib = _native()
     if thr.ties == thr.equal or thr.equal > TIES_SETTLED_AT_MOST or thr.key == 2 ** 31 - 1 or lib is None \
@@ -221,12 +279,15 @@ def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0)
     total = first_index + sum(k.numel() for k in keys)
     if total > 1 << 32:
         return thr  # iter_selection says why no more weights can be pruned as one pool
-    where = torch.empty(thr.equal, dtype=torch.int64)
-    found, offset = 0, first_index
-    for k in keys:
-        found += lib.kprune_find_equal(k.data_ptr(), k.numel(), thr.key, offset, where[found:].data_ptr(),
-                                       thr.equal - found)
-        offset += k.numel()
+    if where is None:
+        where = torch.empty(thr.equal, dtype=torch.int64)
+        found, offset = 0, first_index
+        for k in keys:
+            found += lib.kprune_find_equal(k.data_ptr(), k.numel(), thr.key, offset, where[found:].data_ptr(),
+                                           thr.equal - found)
+            offset += k.numel()
+    else:
+        found = where.numel()
     assert found == thr.equal, "selection bug: the tied keys were miscounted"
     hashes = tie_hash(where)
     left = where[hashes > torch.sort(hashes).values[thr.ties - 1]]  # the tied keys iter_selection leaves
