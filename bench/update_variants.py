@@ -3,11 +3,15 @@
 `python -m bench.update_variants` builds bench-pruning's layers (BENCH_SCALE,
 BENCH_THREADS as there; BENCH_ROUNDS rounds, default 3) and runs the same
 bitter7 update to 50% with later steps switched off one by one, the variants
-alternating round by round (best of the rounds each), plus bench-pruning's
-streaming pass:
+alternating round by round (best of the rounds each, each update from the same
+trained weights and moments), plus bench-pruning's streaming pass:
 
-  now           everything: each weight's score, key and first histogram in one C pass, the second
-                histogram in another, bits and zeroing in a third
+  now           everything: a sample of the keys sets a window; each weight's score and key in one C
+                pass that counts the keys below the window and collects those inside it; the
+                threshold among those; bits and zeroing in a second pass
+  no_window     the same without the window (session 5's update): the first histogram counted in
+                the score pass, the second histogram (and, when the threshold's key ties, a search
+                for the tied keys) in further passes over the keys
   torch_scores  scores as torch operations in cache-sized pieces, then C histogram passes
   whole_scores  and scores over whole tensors at once
   torch_store   and the bits and zeroing as torch passes (iter_selection, pack_bits, multiplies)
@@ -58,19 +62,28 @@ def main() -> int:
     gradients = [p.grad.clone() for p in params]
     native, store, piece = selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK
     one_pass, torch_scores = Pruner._native_keys_, lambda *a, **k: False
+    sampled, unsampled = Pruner._set_window, lambda *a: 0
     whole = 1 << 62
-    variants = {"now": (native, store, piece, one_pass), "torch_scores": (native, store, piece, torch_scores),
-                "whole_scores": (native, store, whole, torch_scores),
-                "torch_store": (native, lambda *a: False, whole, torch_scores),
-                "before": (lambda: None, lambda *a: False, whole, torch_scores)}
+    variants = {"now": (native, store, piece, one_pass, sampled),
+                "no_window": (native, store, piece, one_pass, unsampled),
+                "torch_scores": (native, store, piece, torch_scores, sampled),
+                "whole_scores": (native, store, whole, torch_scores, sampled),
+                "torch_store": (native, lambda *a: False, whole, torch_scores, sampled),
+                "before": (lambda: None, lambda *a: False, whole, torch_scores, unsampled)}
+    trained = [(p.detach().clone(), optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["exp_avg_sq"].clone())
+               for p in params]
 
     def switch(name: str) -> None:
         (selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK,
-         Pruner._native_keys_) = variants[name]
+         Pruner._native_keys_, Pruner._set_window) = variants[name]
 
     def update(name: str) -> float:
         switch(name)
-        pruner.clear()  # the weights pruned last time stay 0: half the scores are 0, as in bench-pruning
+        pruner.clear()
+        for p, (w, m, v) in zip(params, trained):  # from the trained state: the last update zeroed half of it
+            p.data.copy_(w)
+            optimizer.state[p]["exp_avg"].copy_(m)
+            optimizer.state[p]["exp_avg_sq"].copy_(v)
         for p, g in zip(params, gradients):
             if p.grad is None:
                 p.grad = g.clone()
@@ -98,7 +111,7 @@ def main() -> int:
     switch("now")
 
     def differing(name: str) -> int:
-        other = masks["now" if name == "torch_scores" else "torch_scores"]
+        other = masks["now" if name in ("torch_scores", "no_window") else "torch_scores"]
         return int(torch.bitwise_xor(masks[name], other).view(-1, 1).bitwise_and(
             (1 << torch.arange(8, dtype=torch.uint8))).ne(0).sum())
 
