@@ -79,23 +79,29 @@ static inline __attribute__((always_inline)) void loop(const adam_tensor *t, con
     const float b1c = s->one_minus_beta1, b2 = s->beta2, b2c = s->one_minus_beta2, eps = s->eps;
     const float decay = s->decay, l2 = s->l2, step = -t->step_size, bc2 = t->bc2_sqrt, scale = s->grad_scale;
     for (int64_t i = lo; i < hi; i++) {
-        float wi = w[i], gi;
+        float wi = w[i], gi, m0 = m[i], v0 = v[i], vmax0 = amsgrad ? vmax[i] : 0.0f;
         if (mask) {
             /* masked again after scaling: a pruned weight takes 0 even from a non-finite coefficient */
             uint32_t keep = keep_bits(wi);
             gi = as_float(as_bits(g[i]) & keep);
             if (scaled)
                 gi = as_float(as_bits(gi * scale) & keep);
+            /* and its moments are taken as 0 (the mask update zeroes only the weight): no extra memory
+             * traffic, where zeroing them in the update read and wrote them once more */
+            m0 = as_float(as_bits(m0) & keep);
+            v0 = as_float(as_bits(v0) & keep);
+            if (amsgrad)
+                vmax0 = as_float(as_bits(vmax0) & keep);
         } else
             gi = scaled ? g[i] * scale : g[i];
         if (l2_on)
             gi = gi + l2 * wi;
         wi = wi * decay;            /* exact when decay is 1 */
-        float mi = m[i] + b1c * (gi - m[i]);
-        float vi = b2 * v[i] + b2c * (gi * gi);
+        float mi = m0 + b1c * (gi - m0);
+        float vi = b2 * v0 + b2c * (gi * gi);
         float vv = vi;
         if (amsgrad) {
-            vv = vmax[i] > vi ? vmax[i] : vi;
+            vv = vmax0 > vi ? vmax0 : vi;
             vmax[i] = vv;
         }
         float denom = sqrtf(vv) / bc2 + eps;

@@ -5,8 +5,10 @@ zeroes the gradients of pruned weights reads the weights and reads and writes
 the gradients (12 bytes a weight) beside an Adam step that moves 28: it cost
 more than torch's fused step itself. Here the step does it: a weight the
 pruner marked as masked (`masked_params`) that is exactly 0 (every pruned
-weight is) takes its gradient as 0 in the same pass that updates it
-(lib/adam_step.c). Dense runs use the same kernel with no parameter masked,
+weight is) takes its gradient and its moments as 0 in the same pass that
+updates it (lib/adam_step.c), so a mask update zeroes only the weights it
+prunes: their moments are zero after the next step, and nothing reads them
+before it. Dense runs use the same kernel with no parameter masked,
 so a pruned arm and its dense baseline share the update arithmetic.
 
 On CPU the kernel is plain C, compiled once per machine with the system's C
@@ -100,16 +102,20 @@ def reference_update(w, g, m, v, vmax, step_size: float, bc2_sqrt: float, s: dic
     """
     if torch.is_tensor(grad_scale) or grad_scale != 1.0:  # times 1 is exact: skipped
         g = g * grad_scale
-    if mask:
-        g = torch.where(w == 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    if mask:  # a pruned (exactly-zero) weight takes its gradient and its moments as 0
+        pruned, zero = w == 0, torch.zeros((), dtype=g.dtype, device=g.device)
+        g, m_in, v_in = torch.where(pruned, zero, g), torch.where(pruned, zero, m), torch.where(pruned, zero, v)
+        vmax_in = None if vmax is None else torch.where(pruned, zero, vmax)
+    else:
+        m_in, v_in, vmax_in = m, v, vmax
     if s["l2"] != 0.0:
         g = g + s["l2"] * w
     wn = w * s["decay"]  # exact when it is 1 (Adam, or no weight decay)
-    mi = m + s["one_minus_beta1"] * (g - m)
-    vi = s["beta2"] * v + s["one_minus_beta2"] * (g * g)
+    mi = m_in + s["one_minus_beta1"] * (g - m_in)
+    vi = s["beta2"] * v_in + s["one_minus_beta2"] * (g * g)
     vv = vi
     if vmax is not None:
-        vv = torch.maximum(vmax, vi)
+        vv = torch.maximum(vmax_in, vi)
         vmax.copy_(vv)
     # torch.sqrt on the CPU may be off by one unit in the last place; the square root taken in
     # float64 and rounded once is the correctly rounded float32 one, as C's sqrtf.

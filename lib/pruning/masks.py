@@ -122,6 +122,10 @@ class MaskSet:
         self.attached: list[tuple[nn.Parameter, torch.Tensor]] = []
         # A structure's own record of its pruned groups (one flag per tile or unit), counted as mask memory.
         self.group_state: list[torch.Tensor] = []
+        # Set by the pruner when the optimizer's step takes a pruned (exactly-zero) pooled weight's states as 0
+        # itself (kprune's Adam/AdamW masking in their step): pruning then zeroes only the weight.
+        self.states_zeroed_by_step = False
+        self._param_ids = frozenset(id(p) for p in self.params)
 
     # ------------------------------------------------------------ reading
 
@@ -196,11 +200,11 @@ class MaskSet:
             if p.grad is not None:
                 p.grad.mul_(kept)
 
-    @staticmethod
-    def zero_targets(p: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-        """What pruning p zeroes: the weight and every optimizer state of its shape."""
+    def zero_targets(self, p: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+        """What pruning p zeroes: the weight and every optimizer state of its shape (only the weight, for a
+        pooled weight, where the step takes its states as 0: states_zeroed_by_step)."""
         targets = [p.detach()]
-        if optimizer is not None:
+        if optimizer is not None and not (self.states_zeroed_by_step and id(p) in self._param_ids):
             targets += [v for k, v in optimizer.state.get(p, {}).items()
                         if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
         return targets

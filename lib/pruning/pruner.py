@@ -220,6 +220,8 @@ class Pruner:
     def _prune(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool) -> None:
         """Calibrate if the method reads the layers' inputs, then select (or reconstruct) `counts`."""
         method = self.method
+        # A step that masks the pruned weights takes their moments as 0 too: then only the weights are zeroed.
+        self.masks.states_zeroed_by_step = self.fused_masking
         if method.calibration is not None:
             if self.calibration is None:
                 raise KpruneError(f"{method.name} reads calibration inputs, but this pruner was built without "

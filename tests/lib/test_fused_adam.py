@@ -119,6 +119,82 @@ def test_masking_inside_the_step_equals_the_separate_pass_and_keeps_pruned_weigh
         assert bool((state["exp_avg"][pruned] == 0).all()) and bool((state["exp_avg_sq"][pruned] == 0).all())
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+@pytest.mark.parametrize("cls", [KpruneAdam, KpruneAdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("use_c", [True, False], ids=["c", "reference"])
+def test_a_masked_step_takes_a_pruned_weights_moments_as_zero(cls, amsgrad, use_c, monkeypatch):
+    # A mask update zeroes only the weights it prunes: the moments they had from training must count as 0 in
+    # the next step and be 0 after it, exactly as if the update had zeroed them too.
+    def trained(zero_moments: bool):
+        g = torch.Generator().manual_seed(3)
+        params = [nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
+        opt = cls(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        with torch.no_grad():
+            for p in params:
+                p.view(-1)[::3] = 0.0
+                if zero_moments:
+                    for key in MOMENTS:
+                        if key in opt.state[p]:
+                            opt.state[p][key].view(-1)[::3] = 0.0
+        opt.masked_params = frozenset(id(p) for p in params)
+        with monkeypatch.context() as m:
+            if not use_c:
+                m.setattr(fused_adam, "library", lambda: None)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step(grad_scale=0.5)
+        return params, opt
+
+    stale, stale_opt = trained(zero_moments=False)
+    clean, clean_opt = trained(zero_moments=True)
+    for a, b in zip(stale, clean):
+        assert torch.equal(a, b)
+        assert bool((a.detach().view(-1)[::3] == 0).all())  # pruned weights stayed 0
+        for key in MOMENTS:
+            if key in stale_opt.state[a]:
+                assert torch.equal(stale_opt.state[a][key], clean_opt.state[b][key]), key
+                assert bool((stale_opt.state[a][key].view(-1)[::3] == 0).all()), key
+
+
+@pytest.mark.parametrize("native_store", [True, False], ids=["c-store", "torch-zeroing"])
+def test_with_the_masking_in_the_step_an_update_zeroes_only_the_weights(native_store, monkeypatch):
+    # The update does not read or write the moments (that pass is the step's now); the step after it zeroes them.
+    g = torch.Generator().manual_seed(5)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in [(300, 200), (50, 40)]]
+    opt = KpruneAdamW(params, lr=1e-2, weight_decay=0.1)
+    pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("one-shot", start=1, end=1, final=0.5),
+                    build_method("state", "bitter7"), opt, fuse_masking=True)
+    if not native_store:
+        monkeypatch.setattr("lib.pruning.pruner.store_selection", lambda *args: False)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    moments = [{k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in params]
+    pruner.after_step(1)
+    assert pruner.fused_masking and pruner.pruned_count == (300 * 200 + 50 * 40) // 2
+    for i, p in enumerate(params):
+        pruned = pruner.masks.pruned_mask(i)
+        assert bool((p[pruned] == 0).all()) and bool((p[~pruned] != 0).all())
+        for k, before in moments[i].items():
+            assert torch.equal(opt.state[p][k], before), k  # untouched by the update
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    pruner.after_backward()
+    opt.step()
+    for i, p in enumerate(params):
+        pruned = pruner.masks.pruned_mask(i)
+        assert bool((p[pruned] == 0).all())
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert bool((opt.state[p][k][pruned] == 0).all()) and bool((opt.state[p][k][~pruned] != 0).all())
+
+
 def test_the_kernel_is_compiled_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     lib = native.build(fused_adam.SOURCE)
