@@ -196,7 +196,8 @@ int kprune_adam_step(const adam_tensor *tensors, int count, const adam_scalars *
 typedef struct {
     const float *w, *g;
     int64_t n;
-    int mask;                      /* leave out entries whose weight is exactly 0 */
+    int mask;                      /* leave out the entries of pruned weights: */
+    const uint8_t *pruned;         /* those whose bit is set (the pruner's mask bits); NULL: whose weight is 0 */
 } norm_tensor;
 
 #define NORM_BLOCK 8192
@@ -230,6 +231,36 @@ static double block_sumsq_masked(const float *w, const float *g, int64_t lo, int
     return block_sumsq(w, g, lo, hi, 1);
 }
 
+/* The same sum over the entries whose bit in `pruned` (8 to a byte, least significant first) is clear: a
+ * byte per 8 entries read instead of 8 weights. A byte's 8 AND masks come from a table (8 KiB, in L1): one
+ * vector load, where shifting the byte per entry left the loop scalar. lo is a multiple of 8 (a block's start). */
+static uint32_t keep_of_byte[256][8];
+
+__attribute__((constructor)) static void fill_keep_of_byte(void)
+{
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++)
+            keep_of_byte[b][j] = (b >> j) & 1 ? 0u : ~0u;
+}
+
+static double block_sumsq_bits(const uint8_t *restrict pruned, const float *restrict g, int64_t lo, int64_t hi)
+{
+    double acc[NORM_LANES] = {0};
+    int64_t i = lo;
+    for (; i + NORM_LANES <= hi; i += NORM_LANES) {
+        const uint32_t *keep = keep_of_byte[pruned[i >> 3]];
+        for (int j = 0; j < NORM_LANES; j++) {
+            double x = as_float(as_bits(g[i + j]) & keep[j]);
+            acc[j] += x * x;
+        }
+    }
+    for (int j = 0; i < hi; i++, j++) {
+        double x = as_float(as_bits(g[i]) & keep_of_byte[pruned[i >> 3]][i & 7]);
+        acc[j] += x * x;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 static double block_sumsq_plain(const float *w, const float *g, int64_t lo, int64_t hi)
 {
     return block_sumsq(w, g, lo, hi, 0);
@@ -256,8 +287,9 @@ static void *run_norm(void *arg)
         int64_t nb = blocks_of(t->n);
         for (int64_t b = work->first > base ? work->first - base : 0; b < nb && base + b < work->last; b++) {
             int64_t lo = b * NORM_BLOCK, hi = lo + NORM_BLOCK < t->n ? lo + NORM_BLOCK : t->n;
-            work->sums[base + b] = t->mask ? block_sumsq_masked(t->w, t->g, lo, hi)
-                                           : block_sumsq_plain(t->w, t->g, lo, hi);
+            work->sums[base + b] = !t->mask ? block_sumsq_plain(t->w, t->g, lo, hi)
+                                   : t->pruned != NULL ? block_sumsq_bits(t->pruned, t->g, lo, hi)
+                                                       : block_sumsq_masked(t->w, t->g, lo, hi);
         }
         base += nb;
     }

@@ -55,7 +55,8 @@ class _Scalars(ctypes.Structure):
 
 
 class _NormTensor(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("g", ctypes.c_void_p), ("n", ctypes.c_int64), ("mask", ctypes.c_int)]
+    _fields_ = [("w", ctypes.c_void_p), ("g", ctypes.c_void_p), ("n", ctypes.c_int64), ("mask", ctypes.c_int),
+                ("pruned", ctypes.c_void_p)]
 
 
 _LIBRARY: ctypes.CDLL | None = None
@@ -136,14 +137,16 @@ def _device_update(*args) -> None:
     _COMPILED_REFERENCE(*args)
 
 
-def grad_sumsq(tensors: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> float | None:
-    """The sum of the squares of the gradients g of (w, g, mask) in one threaded C pass, leaving out
-    g where `mask` and w == 0, in float64, the same for any thread count; None without the C kernel
+def grad_sumsq(tensors: list[tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]]) -> float | None:
+    """The sum of the squares of the gradients g of (w, g, mask, pruned) in one threaded C pass, leaving out,
+    where `mask`, the g whose bit is set in `pruned` (the pruner's packed mask bits: uint8, CPU, contiguous)
+    or, without bits, whose w == 0; in float64, the same for any thread count. None without the C kernel
     (the tensors must pass `c_ready`)."""
     lib = library()
     if lib is None:
         return None
-    items = [_NormTensor(w.data_ptr(), g.data_ptr(), w.numel(), int(mask)) for w, g, mask in tensors]
+    items = [_NormTensor(w.data_ptr(), g.data_ptr(), w.numel(), int(mask),
+                         pruned.data_ptr() if mask and pruned is not None else None) for w, g, mask, pruned in tensors]
     total = lib.kprune_grad_sumsq((_NormTensor * len(items))(*items), len(items), torch.get_num_threads())
     if total == -1.0:
         raise MemoryError("kprune_grad_sumsq could not allocate its block sums")
@@ -167,6 +170,8 @@ class _KpruneAdamMixin:
                 raise ValueError("kprune's Adam/AdamW support neither maximize, capturable nor differentiable")
         # ids of the parameters whose exactly-zero weights take no gradient (set by the pruner)
         self.masked_params: frozenset[int] = frozenset()
+        # their packed mask bits, by id (set by the pruner): clipping's norm leaves out the pruned weights by them
+        self.pruned_bits: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | torch.Tensor = 1.0):

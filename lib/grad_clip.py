@@ -7,13 +7,18 @@ weights, reading and writing the gradients), since the norm must not count
 them. kprune's Adam/AdamW (lib/fused_adam.py) take both jobs into their one
 pass: they leave out the gradient of an exactly-zero weight of a masked
 parameter, and multiply every gradient by the clipping coefficient handed to
-`step(grad_scale=...)`. What is left is the norm: one pass that reads the
-weights of masked parameters and every gradient, and writes nothing.
+`step(grad_scale=...)`. What is left is the norm: one pass that reads every
+gradient and, for a parameter the pruner masks, its packed mask bits (a byte
+per 8 weights), and writes nothing.
 
 The coefficient is torch's, min(1, max_norm / (norm + 1e-6)), computed with
-torch's own float32 operations from the norm of the gradients as the step
-uses them: over every parameter's gradient, leaving out, for a masked
-parameter, the entries whose weight is exactly 0. On the CPU the sum of
+torch's own float32 operations from the norm over every parameter's gradient,
+leaving out the pruned weights' entries (their bits set; AdamWPrune's
+reference masks the gradients before clipping alike). A weight that is
+exactly 0 without being pruned (practically never: training would have to
+land on 0.0) counts in the norm, though the masked step takes its gradient as
+0. A masked parameter without bits (an optimizer used without the pruner)
+leaves out the entries whose weight is exactly 0. On the CPU the sum of
 squares is one threaded C pass per call (float64, the same result for any
 thread count: lib/adam_step.c); elsewhere (CUDA, other dtypes, no C
 compiler) torch operations take the same float64 sum. torch sums in float32,
@@ -45,13 +50,17 @@ def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "masked_params")  # what the pruner checks before it masks inside the step
 
 
-def _torch_sumsq(w: torch.Tensor, g: torch.Tensor, mask: bool) -> torch.Tensor:
+def _torch_sumsq(w: torch.Tensor, g: torch.Tensor, mask: bool, pruned: torch.Tensor | None) -> torch.Tensor:
     """The C pass's sum on any device and dtype, as torch operations: float64, 0-d, on g's device."""
     w, g = w.reshape(-1), g.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=g.device)
-    for start in range(0, g.numel(), PIECE):
+    shifts = torch.arange(8, dtype=torch.uint8, device=g.device)
+    for start in range(0, g.numel(), PIECE):  # PIECE is a multiple of 8: a piece starts at a byte of bits
         x = g[start:start + PIECE].double()
-        if mask:
+        if mask and pruned is not None:
+            bits = pruned[start // 8:(start + x.numel() + 7) // 8]
+            x.masked_fill_(((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:x.numel()].bool(), 0.0)
+        elif mask:
             x.masked_fill_(w[start:start + PIECE] == 0, 0.0)
         total += torch.dot(x, x)
     return total
@@ -59,22 +68,27 @@ def _torch_sumsq(w: torch.Tensor, g: torch.Tensor, mask: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def masked_grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The float32 L2 norm of every gradient as `optimizer` (kprune's Adam/AdamW) will use it, 0-d on
-    the parameters' device: entries whose weight is exactly 0 left out for its `masked_params`."""
-    masked = optimizer.masked_params
+    """The float32 L2 norm of every gradient `optimizer` (kprune's Adam/AdamW) will use, 0-d on the
+    parameters' device, leaving out for its `masked_params` the pruned weights' entries: those whose bit is
+    set in the pruner's mask bits (`pruned_bits`), or, for a parameter masked without bits, whose weight
+    is exactly 0."""
+    masked, bits = optimizer.masked_params, getattr(optimizer, "pruned_bits", {})
     in_c, in_torch = [], []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            item = (p.detach(), p.grad, id(p) in masked)
-            (in_c if fused_adam.c_ready(p.detach(), p.grad) else in_torch).append(item)
+            pruned = bits.get(id(p))
+            item = (p.detach(), p.grad, id(p) in masked, pruned)
+            c_bits = pruned is None or (pruned.device.type == "cpu" and pruned.dtype == torch.uint8
+                                        and pruned.is_contiguous())
+            (in_c if c_bits and fused_adam.c_ready(p.detach(), p.grad) else in_torch).append(item)
     c_sum = fused_adam.grad_sumsq(in_c) if in_c else 0.0
     if c_sum is None:  # no C compiler: the same sum as torch operations
         in_torch, c_sum = in_c + in_torch, 0.0
     if not in_torch:  # every gradient on the CPU: the square root of the float64 sum, rounded once
         return torch.tensor(math.sqrt(c_sum), dtype=torch.float32)
-    total = torch.stack([_torch_sumsq(w, g, mask) for w, g, mask in in_torch]).sum() + c_sum
+    total = torch.stack([_torch_sumsq(*item) for item in in_torch]).sum() + c_sum
     return torch.sqrt(total).to(torch.float32)  # no wait for the device
 
 

@@ -171,6 +171,7 @@ class Pruner:
         self.structure.clear()
         if self.fused_masking:
             self.optimizer.masked_params = frozenset()
+            self.optimizer.pruned_bits = {}
 
     def observe(self, obs: Observation) -> None:
         self.method.observe(obs)
@@ -180,6 +181,8 @@ class Pruner:
             return
         if self.fused_masking:  # the step takes the gradient of an exactly-zero pooled weight as 0
             self.optimizer.masked_params = self._pool_ids
+            # clipping's norm leaves out the pruned weights by their bits (a byte per 8 weights, not 8 weights)
+            self.optimizer.pruned_bits = {id(p): bits for p, bits in zip(self.masks.params, self.masks.bits)}
             self.masks.zero_attached_grads()
         else:
             self.masks.zero_pruned_grads()

@@ -22,6 +22,7 @@ from lib.cli import build_parser
 from lib.fused_adam import KpruneAdam, KpruneAdamW
 from lib.grad_clip import clip_coefficient, clipped_step, masked_grad_norm
 from lib.kconfig import REPO_ROOT
+from lib.pruning.masks import pack_bits
 from lib.settings import settings_from_namespace
 from lib.train_loop import run
 from tests.lib.test_fused_adam import pruned_params
@@ -90,7 +91,7 @@ def test_the_c_sum_is_the_float64_sum_whatever_the_thread_count_and_the_torch_pa
     params = _params()
     _grads(params, torch.Generator().manual_seed(2))
     masked = _masked_ids(params)
-    items = [(p.detach(), p.grad, id(p) in masked) for p in params]
+    items = [(p.detach(), p.grad, id(p) in masked, None) for p in params]
     sums = []
     for count in (1, 2, 3, 7):
         threads(count)
@@ -109,6 +110,37 @@ def test_the_c_sum_is_the_float64_sum_whatever_the_thread_count_and_the_torch_pa
     assert c_norm.dtype == torch_norm.dtype == torch.float32
     assert torch.equal(c_norm, torch_norm)  # both the float64 sum's square root, rounded to float32
     assert torch.equal(c_norm, torch.tensor(math.sqrt(oracle), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_with_the_pruners_bits_the_norm_leaves_out_exactly_the_pruned_weights(use_c, monkeypatch, threads):
+    # The pruner hands the optimizer its mask bits: the norm reads a byte per 8 weights instead of the weights.
+    # Every zero weight of a masked parameter is pruned except the first: a weight that landed on 0.0 unpruned
+    # (its gradient counts, as in AdamWPrune, which masks the gradients by the mask before clipping).
+    params = _params()
+    _grads(params, torch.Generator().manual_seed(4))
+    masked = _masked_ids(params)
+    bits, pruned = {}, {}
+    for p in params:
+        if id(p) in masked:
+            flags = (p.detach() == 0).view(-1).clone()
+            assert bool(flags[0])
+            flags[0] = False
+            pruned[id(p)], bits[id(p)] = flags, pack_bits(flags)
+    opt = KpruneAdamW(params, lr=1e-2)
+    opt.masked_params, opt.pruned_bits = masked, bits
+    params[0].grad.view(-1)[0] = 1e3  # the unpruned zero weight: counted
+    oracle = sum(float(torch.where(pruned[id(p)], 0.0, p.grad.view(-1)).double().pow(2).sum()) if id(p) in pruned
+                 else float(p.grad.double().pow(2).sum()) for p in params)
+    _without_c(monkeypatch, use_c)
+    norms = []
+    for count in ((1, 2, 3) if use_c else (1,)):
+        threads(count)
+        norms.append(masked_grad_norm(opt))
+    assert all(torch.equal(n, torch.tensor(math.sqrt(oracle), dtype=torch.float32)) for n in norms)
+    assert float(norms[0]) >= 1e3
+    opt.pruned_bits = {}  # without bits: the zero weights are left out, the 1e3 with them
+    assert float(masked_grad_norm(opt)) < 1e3
 
 
 def _clipped_run(cls, how: str, max_norm: float, use_c: bool, monkeypatch, steps: int = 5):
