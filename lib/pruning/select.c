@@ -8,10 +8,12 @@
  * kprune_counters_window: instead of the first histogram, count the keys below a window [lo, hi]
  * that a sample says holds the k-th key, and collect the keys inside it with their positions: the
  * k-th key is then found among those few, and no second pass over every key is needed.
+ * kprune_sample_keys: the keys of a sample of the weights (a few cache lines each), for the window.
  * kprune_find_equal: where the keys equal to the threshold are, when only some of them are selected.
  * kprune_select_store: the pass after them, when every key equal to the threshold is
  * selected: the mask bits (key <= threshold, 8 to a byte, least significant bit first)
- * and the zeroing of each selected weight and its optimizer states, in one pass.
+ * and the zeroing of each selected weight (and of its optimizer states, where the optimizer's
+ * step does not take them as 0 itself), in one pass.
  * kprune_nm_cap: the N:M structure's cap on the keys.
  *
  * Keys are int32. Pass 1 counts every key by its top 16 bits (bin = (key >> 16) + 32768);
@@ -320,16 +322,16 @@ static inline void score_range(int formula, const float *restrict w, const float
                                const float *restrict v, int32_t *restrict k, int64_t b0, int64_t b1,
                                float corr, int raw)
 {
-        switch (formula) {
-        case MAGNITUDE: SCORE_LOOP(fabsf(w[i])) break;
-        case BITTER0: SCORE_LOOP(w[i] * w[i] * fabsf(m[i]) / (sqrtf(v[i]) + EPS)) break;
-        case BITTER3: SCORE_LOOP(bitter3_(w[i], m[i])) break;
-        case BITTER5: SCORE_LOOP(fabsf(w[i]) * 0.1f - mtz(w[i], m[i], v[i])) break;
-        case BITTER6: SCORE_LOOP(bitter3_(w[i], m[i]) * sqrtf(m[i] * m[i] / (v[i] + EPS))) break;
-        case BITTER7: SCORE_LOOP(fabsf(sqrtf(sqrtf(fabsf(v[i]) + EPS)) * w[i])) break;
-        case BITTER8: SCORE_LOOP(fabsf(sqrtf(fabsf(m[i]) / corr + EPS) * w[i])) break;
-        case BITTER9: SCORE_LOOP(bitter3_(w[i], m[i]) - mtz(w[i], m[i], v[i]) * 0.1f) break;
-        }
+    switch (formula) {
+    case MAGNITUDE: SCORE_LOOP(fabsf(w[i])) break;
+    case BITTER0: SCORE_LOOP(w[i] * w[i] * fabsf(m[i]) / (sqrtf(v[i]) + EPS)) break;
+    case BITTER3: SCORE_LOOP(bitter3_(w[i], m[i])) break;
+    case BITTER5: SCORE_LOOP(fabsf(w[i]) * 0.1f - mtz(w[i], m[i], v[i])) break;
+    case BITTER6: SCORE_LOOP(bitter3_(w[i], m[i]) * sqrtf(m[i] * m[i] / (v[i] + EPS))) break;
+    case BITTER7: SCORE_LOOP(fabsf(sqrtf(sqrtf(fabsf(v[i]) + EPS)) * w[i])) break;
+    case BITTER8: SCORE_LOOP(fabsf(sqrtf(fabsf(m[i]) / corr + EPS) * w[i])) break;
+    case BITTER9: SCORE_LOOP(bitter3_(w[i], m[i]) - mtz(w[i], m[i], v[i]) * 0.1f) break;
+    }
 }
 
 static void *score_keys(void *arg)
