@@ -137,6 +137,8 @@ def save_run(run_dir: Path | None, settings, task, optimizer, pruner, progress: 
     """Checkpoint the run at `progress.step`. Every rank takes part (each has its own data position)."""
     data = distributed.gather(progress.data_state if progress.data_state is not None else task.data_state())
     rngs = distributed.gather(rng_state())  # each rank's own: dropout streams differ between ranks
+    if pruner is not None and pruner.masks.states_zeroed_by_step:
+        pruner.masks.zero_pruned_states(optimizer)  # the next step would take them as 0: saved as 0
     if run_dir is None:  # ranks other than 0 write nothing
         return
     save(run_dir, {

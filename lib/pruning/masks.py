@@ -200,30 +200,46 @@ class MaskSet:
             if p.grad is not None:
                 p.grad.mul_(kept)
 
+    @staticmethod
+    def _states(p: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+        """The optimizer's states of p's shape (moments; not the step count)."""
+        if optimizer is None:
+            return []
+        return [v for k, v in optimizer.state.get(p, {}).items() if k != "step" and torch.is_tensor(v)
+                and v.shape == p.shape]
+
     def zero_targets(self, p: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
         """What pruning p zeroes: the weight and every optimizer state of its shape (only the weight, for a
         pooled weight, where the step takes its states as 0: states_zeroed_by_step)."""
-        targets = [p.detach()]
-        if optimizer is not None and not (self.states_zeroed_by_step and id(p) in self._param_ids):
-            targets += [v for k, v in optimizer.state.get(p, {}).items()
-                        if k != "step" and torch.is_tensor(v) and v.shape == p.shape]
-        return targets
+        if self.states_zeroed_by_step and id(p) in self._param_ids:
+            return [p.detach()]
+        return [p.detach(), *self._states(p, optimizer)]
+
+    def _zero_pruned(self, targets_of, done: frozenset[int] = frozenset()) -> None:
+        """Zero the pruned entries of each pooled parameter's tensors `targets_of(p)`, chunk by chunk."""
+        any_pruned = self.pruned_flags()
+        for i, p in enumerate(self.params):
+            if i in done or not any_pruned[i]:
+                continue
+            flats = [t.view(-1) for t in targets_of(p)]
+            for start, n in chunks(p.numel(), chunk_size(p.device)):
+                kept = self.pruned_chunk(i, start, n).logical_not_()
+                for t in flats:
+                    t[start:start + n].mul_(kept)
+
+    @torch.no_grad()
+    def zero_pruned_states(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero the pruned weights' entries in every optimizer state of their shape. Where the step takes them
+        as 0 (states_zeroed_by_step) an update leaves them to the next step: a checkpoint saved before it
+        holds them as 0 all the same."""
+        self._zero_pruned(lambda p: self._states(p, optimizer))
 
     @torch.no_grad()
     def zero_pruned_weights_and_states(self, optimizer: torch.optim.Optimizer | None,
                                        done: frozenset[int] = frozenset()) -> None:
         """Zero every pruned weight and its entries in every optimizer state of its shape
         (except parameters `done`: the selection's own pass has zeroed them)."""
-        any_pruned = self.pruned_flags()
-        for i, p in enumerate(self.params):
-            targets = self.zero_targets(p, optimizer)
-            if i in done or not any_pruned[i]:
-                continue
-            flats = [t.view(-1) for t in targets]
-            for start, n in chunks(p.numel(), chunk_size(p.device)):
-                kept = self.pruned_chunk(i, start, n).logical_not_()
-                for t in flats:
-                    t[start:start + n].mul_(kept)
+        self._zero_pruned(lambda p: self.zero_targets(p, optimizer), done)
         for p, kept in self.attached:
             for t in self.zero_targets(p, optimizer):
                 t.mul_(kept)

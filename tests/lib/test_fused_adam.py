@@ -195,6 +195,47 @@ def test_with_the_masking_in_the_step_an_update_zeroes_only_the_weights(native_s
             assert bool((opt.state[p][k][pruned] == 0).all()) and bool((opt.state[p][k][~pruned] != 0).all())
 
 
+def test_a_checkpoint_saved_right_after_an_update_holds_the_pruned_moments_as_zero(tmp_path):
+    # The update left the moments to the next step; a checkpoint taken before that step saves them as 0
+    # (what the step would take them as), and the run goes on exactly as without the checkpoint.
+    from types import SimpleNamespace
+
+    from lib import checkpoint
+
+    def run(save: bool):
+        g = torch.Generator().manual_seed(9)
+        model = nn.Linear(300, 200, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(200, 300, generator=g))
+        opt = KpruneAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        pruner = Pruner([("weight", model.weight)], Schedule("one-shot", start=1, end=1, final=0.5),
+                        build_method("state", "bitter7"), opt, fuse_masking=True)
+        model.weight.grad = torch.randn(200, 300, generator=g)
+        opt.step()
+        pruner.after_step(1)
+        pruned = pruner.masks.pruned_mask(0)
+        assert bool((opt.state[model.weight]["exp_avg"][pruned] != 0).any())  # left to the next step
+        saved = None
+        if save:
+            (tmp_path / "config").write_text("")
+            task = SimpleNamespace(name="linear", model=model, data_state=lambda: {})
+            progress = SimpleNamespace(step=1, data_state={}, train_time_s=0.0, last_eval=None, compile_step_s=0.0,
+                                       compile_steps=0, last_loss=None)
+            checkpoint.save_run(tmp_path, SimpleNamespace(as_dict=lambda: {}), task, opt, pruner, progress)
+            saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"]["state"][0]
+        model.weight.grad = torch.randn(200, 300, generator=g)
+        pruner.after_backward()
+        opt.step()
+        return model.weight.detach().clone(), opt.state[model.weight], pruned, saved
+
+    w_saved, state_saved, pruned, saved = run(save=True)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert bool((saved[key][pruned] == 0).all()) and bool((saved[key][~pruned] != 0).all()), key
+    w_plain, state_plain, _, _ = run(save=False)
+    assert torch.equal(w_saved, w_plain)
+    assert all(torch.equal(state_saved[k], state_plain[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
 def test_the_kernel_is_compiled_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     lib = native.build(fused_adam.SOURCE)
