@@ -37,12 +37,13 @@ from bench.knobs import knob
 from bench.output import emit
 from bench.pruning import layer_shapes
 from lib.optim import OPTIMIZERS
-from lib.pruning import pruner as pruner_module
 from lib.pruning import selection
 from lib.pruning import scores as scores_module
+from lib.pruning import update_pass
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import Schedule
+from lib.pruning.update_pass import UpdatePass
 from lib.settings import Settings
 
 
@@ -60,9 +61,9 @@ def main() -> int:
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("one-shot", start=1, end=1, final=0.5),
                     build_method("state", "bitter7"), optimizer)
     gradients = [p.grad.clone() for p in params]
-    native, store, piece = selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK
-    one_pass, torch_scores = Pruner._native_keys_, lambda *a, **k: False
-    sampled, unsampled = Pruner._set_window, lambda *a: 0
+    native, store, piece = selection._native, update_pass.store_selection, scores_module.SCORE_CHUNK
+    one_pass, torch_scores = UpdatePass._native_keys_, lambda *a, **k: False
+    sampled, unsampled = UpdatePass._set_window, lambda *a: 0
     whole = 1 << 62
     variants = {"now": (native, store, piece, one_pass, sampled),
                 "no_window": (native, store, piece, one_pass, unsampled),
@@ -74,8 +75,8 @@ def main() -> int:
                for p in params]
 
     def switch(name: str) -> None:
-        (selection._native, pruner_module.store_selection, scores_module.SCORE_CHUNK,
-         Pruner._native_keys_, Pruner._set_window) = variants[name]
+        (selection._native, update_pass.store_selection, scores_module.SCORE_CHUNK,
+         UpdatePass._native_keys_, UpdatePass._set_window) = variants[name]
 
     def update(name: str) -> float:
         switch(name)

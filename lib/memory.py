@@ -31,6 +31,6 @@ def memory_by_kind(model: nn.Module, optimizer: torch.optim.Optimizer, pruner=No
     out["total"] = sum(out.values())
     # Transient, not in the total: the most score memory a mask update held at once beyond the
     # spent gradients it writes scores into: buffers it had to allocate, the score's declared
-    # chunk-sized intermediates, group scores (Pruner._select; checked by tests with torch.profiler).
+    # chunk-sized intermediates, group scores (lib/pruning/update_pass.py; checked by tests with torch.profiler).
     out["mask_update_peak"] = pruner.peak_score_bytes if pruner is not None else 0
     return out

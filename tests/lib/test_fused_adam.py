@@ -172,7 +172,7 @@ def test_with_the_masking_in_the_step_an_update_zeroes_only_the_weights(native_s
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("one-shot", start=1, end=1, final=0.5),
                     build_method("state", "bitter7"), opt, fuse_masking=True)
     if not native_store:
-        monkeypatch.setattr("lib.pruning.pruner.store_selection", lambda *args: False)
+        monkeypatch.setattr("lib.pruning.update_pass.store_selection", lambda *args: False)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
     opt.step()

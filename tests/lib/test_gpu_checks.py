@@ -132,11 +132,11 @@ def test_compile_check_compiles_gpt2(tmp_path):
 @pytest.mark.slow
 def test_mask_update_check_needs_the_score_memory_recorded_and_waits_not_growing_with_depth(tmp_path, monkeypatch):
     from lib.pruning import registry
-    from lib.pruning.pruner import Pruner
     from lib.pruning.scores import SCORE_CHUNK
+    from lib.pruning.update_pass import UpdatePass
 
     def torch_scores():  # what a GPU runs (on the CPU select.c's one pass scores with no intermediates)
-        monkeypatch.setattr(Pruner, "_native_keys_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(UpdatePass, "_native_keys_", lambda *args, **kwargs: False)
 
     torch_scores()
     out = gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)

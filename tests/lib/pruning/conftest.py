@@ -19,4 +19,4 @@ def _one_torch_thread():
 def torch_scores(monkeypatch):
     """Score with torch operations even where select.c's one C pass would (the CPU): the path a GPU
     takes, and a machine without a C compiler."""
-    monkeypatch.setattr("lib.pruning.pruner.Pruner._native_keys_", lambda *args, **kwargs: False)
+    monkeypatch.setattr("lib.pruning.update_pass.UpdatePass._native_keys_", lambda *args, **kwargs: False)

@@ -20,6 +20,7 @@ from lib.pruning.schedules import Schedule
 from lib.pruning.scores import NATIVE_READS, STATE_VARIANTS, ScoreContext, magnitude, native_arguments
 from lib.pruning.selection import INT32_MIN, Counters, floats_to_keys_, score_keys
 from lib.pruning.structure import Block
+from lib.pruning.update_pass import UpdatePass
 
 N = 70_001  # above the pass's one-thread limit (2**16): two threads split it, not at a multiple of 64
 FORMULAS = {fn.__name__: fn for fn in NATIVE_READS}
@@ -136,12 +137,12 @@ def test_an_update_through_the_c_pass_selects_what_the_torch_scores_select(kind,
         params = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
         pruner = _pruner(params, scope, kind)
         calls = []
-        native = Pruner._native_keys_
+        native = UpdatePass._native_keys_
 
         def counted(self, *args, path=path, **kwargs):
             calls.append(1)
             return native(self, *args, **kwargs) if path == "c" else False
-        monkeypatch.setattr(Pruner, "_native_keys_", counted)
+        monkeypatch.setattr(UpdatePass, "_native_keys_", counted)
         for step in (2, 3):  # sparsity 0.3, then 0.6
             for p in params:
                 p.grad = torch.randn_like(p)

@@ -71,7 +71,7 @@ def _updates(model: nn.Sequential, method: str, variant: str | None, kind: str, 
     pruner = Pruner(pool, Schedule("linear", start=1, end=3, final=0.5), build_method(method, variant, last_step=3),
                     opt, structure=_structure(kind, model))
     if region:  # mark each weight's scoring (by torch: method.score; by select.c: _native_keys_)
-        owner, name = (pruner.method, "score") if marked == "method.score" else (pruner, marked)
+        owner, name = (pruner.method, "score") if marked == "method.score" else (pruner.update_pass, marked)
         score = getattr(owner, name)
 
         def scoring(*args, **kwargs):

@@ -16,6 +16,7 @@ from lib.pruning import selection, window
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import Schedule
+from lib.pruning.update_pass import UpdatePass
 from tests.allocations import allocation_peaks
 
 SHAPES = [(2048, 2048), (700, 300), (36, 8)]  # 4,404,592 weights: a pool that takes the window
@@ -34,7 +35,7 @@ def _run(variant: str, use_window: bool, monkeypatch, weights=None, lr: float = 
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("linear", start=1, end=3, final=0.9),
                     method, opt)
     if not use_window:
-        monkeypatch.setattr(Pruner, "_set_window", lambda *args: 0)
+        monkeypatch.setattr(UpdatePass, "_set_window", lambda *args: 0)
     g = torch.Generator().manual_seed(7)
     for step in (1, 2, 3):
         for p in params:

@@ -1,0 +1,247 @@
+"""How one mask update scores every weight and selects the lowest (the pruner decides when, and how many).
+
+`UpdatePass.run` scores each pooled parameter, by select.c's one C pass where it has the method's score
+and by the method's torch score otherwise, into the parameter's spent gradient or a buffer of its own;
+turns the scores into int32 selection keys (pruned weights lowest, what the structure does not allow
+unselectable), or folds them into a structure's group scores; selects the scope's counts of the lowest
+(lib/pruning/selection.py, lib/pruning/scope.py); packs the selection into the masks' bits and zeroes
+the pruned weights (and their optimizer states, unless the step masks them). The score memory it held
+at once is handed to the pruner (`peak_score_bytes`). The pruner's lifecycle is lib/pruning/pruner.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
+from lib.pruning.methods import FunctionMethod, Method
+from lib.pruning.scores import ScoreContext, native_arguments, score_chunk_numel
+from lib.pruning.selection import (INT32_MIN, SMALL_SELECTION, Counters, count_first_histogram, floats_to_keys_,
+                                   iter_selection, kth_threshold, native_selection, sample_keys, score_keys,
+                                   settle_ties_, store_selection)
+from lib.pruning.scope import Counts, row_select, select_groups
+from lib.pruning.structure import Structure
+from lib.pruning import window
+
+
+class UpdatePass:
+    """The score-and-select pass of a pruner's mask updates over its masks, structure, method and optimizer."""
+
+    def __init__(self, masks: MaskSet, structure: Structure, method: Method, optimizer: torch.optim.Optimizer):
+        self.masks = masks
+        self.structure = structure
+        self.method = method
+        self.optimizer = optimizer
+
+    def run(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool, calibration_bytes: int,
+            record_peak: Callable[[int], None]) -> None:
+        """Prune `counts`: score, select, write the bits and the masks' pruned count, zero the pruned weights.
+
+        With `gradients_spent` the scores are written into the parameters' gradients, which are then set to
+        None. `calibration_bytes`: what the method's calibration statistics hold through the update.
+        `record_peak` gets the score memory held at once, once every weight is scored."""
+        masks, structure = self.masks, self.structure
+        keys, borrowed, allocated, peak = [], [], 0, 0
+        zeroed: set[int] = set()  # parameters whose pruned weights and states _store already zeroed
+        weight_level = structure.weight_level
+        if not weight_level:
+            structure.begin()
+        # Which parameters already have pruned weights, read from the device once, not once per parameter.
+        pruned_before = masks.pruned_flags() if weight_level else []
+        # One global selection over keys no structure changes: on the CPU its first histogram is counted
+        # while the keys are written (the counters are closed by the selection, or below).
+        counters = self._first_histogram() if weight_level and not structure.restricts and counts.per_layer is None \
+            and counts.per_row is None else None
+        try:
+            if counters is not None and counts.total:  # a sample of the keys: the window that holds the k-th
+                peak = self._set_window(counters, counts.total, pruned_before, ctx)
+            position = 0  # of the parameter's first weight in the pool
+            for i, p in enumerate(masks.params):
+                out, own = _spent_gradient(p) if gradients_spent else None, 0
+                if out is None:
+                    out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    own = out.numel() * out.element_size()
+                else:
+                    borrowed.append(p)
+                allocated += own
+                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + calibration_bytes \
+                    + (counters.window_bytes if counters is not None else 0)
+                state = self.optimizer.state.get(p, {})
+                native = self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx,
+                                            counters, keys=weight_level, position=position)
+                position += p.numel()
+                if native:
+                    peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
+                else:
+                    # Score memory while this weight is scored: the buffers held (the keys keep every one; a
+                    # group structure folds each into its group scores and drops it), the group scores, a
+                    # float32 copy of a weight of another dtype and the score's declared intermediates.
+                    transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
+                                 + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
+                    peak = max(peak, held + transient)
+                    self.method.score(i, p.detach().float(), state, out, ctx)
+                if not weight_level:  # the structure folds the weights' scores into its groups' scores
+                    structure.add_scores(i, out)
+                    continue
+                if native:  # already keys, pruned weights lowest
+                    key = out.view(-1).view(torch.int32)
+                    structure.restrict_(i, key)
+                else:
+                    key = self._keys_(i, out, pruned_before[i])
+                    if counters is not None:
+                        count_first_histogram(key, counters, position - p.numel())
+                keys.append(key)
+            record_peak(peak)
+            if not weight_level:
+                structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
+                                               if counts.per_row is not None else None))
+                masks.pruned_count = structure.pruned_weights(counts.total)
+            elif counts.per_row is not None:
+                for i, (key, per_row) in enumerate(zip(keys, counts.per_row)):
+                    self._store_rows(key, i, per_row)
+                masks.pruned_count = counts.total
+            elif counts.per_layer is not None:
+                for i, (key, count) in enumerate(zip(keys, counts.per_layer)):
+                    if self._store([key], count, first=i):
+                        zeroed.add(i)
+                masks.pruned_count = counts.total
+            else:
+                if self._store(keys, counts.total, first=0, counted=counters):
+                    zeroed.update(range(len(keys)))
+                masks.pruned_count = counts.total
+        finally:
+            if counters is not None:
+                counters.close()
+        del keys, out
+        for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
+            p.grad = None
+        masks.zero_pruned_weights_and_states(self.optimizer, done=frozenset(zeroed))
+
+    def _first_histogram(self) -> Counters | None:
+        """Counters for the selection's first histogram, where the C passes will run it (the CPU, a large pool)."""
+        params = self.masks.params
+        if self.masks.numel <= SMALL_SELECTION or any(p.device.type != "cpu" for p in params):
+            return None
+        return Counters(torch.get_num_threads()) if native_selection() else None
+
+    def _set_window(self, counters: Counters, k: int, pruned_before: list[bool], ctx: ScoreContext) -> int:
+        """Score a sample of every weight (a few cache lines each, select.c's pass) and set the window that
+        holds the k-th key (lib/pruning/window.py) on `counters`; returns the bytes held at once while
+        sampling. No window where a weight cannot be scored by select.c (the first pass then counts the
+        histogram as before)."""
+        method, params, n = self.method, self.masks.params, self.masks.numel
+        if not isinstance(method, FunctionMethod) or not window.WINDOW_FROM <= n <= 1 << 32:  # 32-bit positions
+            return 0
+        budget = window.sample_budget(n)
+        parts, held = [], 0
+        for i, p in enumerate(params):
+            arguments = native_arguments(method.fn, self.optimizer.state.get(p, {}), ctx)
+            if arguments is None:
+                return 0
+            formula, m, v, correction = arguments
+            key = sample_keys(formula, p.detach(), m, v, self.masks.bits[i] if pruned_before[i] else None,
+                              *window.sample_lines(p.numel(), n, budget), correction)
+            if key is None:
+                return 0
+            parts.append(key)
+            held += 4 * key.numel()
+        sample = torch.cat(parts)
+        del parts
+        peak = 2 * held  # the parts and their concatenation
+        chosen = window.choose_window(sample, n, k, counters.threads)
+        if chosen is not None:
+            counters.set_window(*chosen)
+        return peak
+
+    def _native_keys_(self, i: int, p: nn.Parameter, state: dict, out: torch.Tensor, any_pruned: bool,
+                      ctx: ScoreContext, counters: Counters | None, keys: bool = True, position: int = 0) -> bool:
+        """Parameter i's selection keys written into `out` by one C pass (score, key, pruned weights lowest,
+        with `counters` the first histogram or the window's count; `position`: of p's first weight in the pool),
+        for a score select.c has; False, nothing written, otherwise. keys=False: its float scores only (for a
+        group structure)."""
+        method = self.method
+        if p.device.type != "cpu" or not isinstance(method, FunctionMethod) or not native_selection():
+            return False  # (a GPU: bitter8's arguments would read Adam's step from the device)
+        arguments = native_arguments(method.fn, state, ctx)
+        if arguments is None:
+            return False
+        formula, m, v, correction = arguments
+        pruned = self.masks.bits[i] if any_pruned else None
+        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters, keys=keys, position=position)
+
+    def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
+        """Parameter i's float32 scores turned in place into its int32 selection keys.
+
+        Pruned weights get the lowest key (pruned stay pruned) and the structure makes what it
+        does not allow unselectable. The chunks' temporaries are gone when this returns.
+        """
+        flat = scores.view(-1)
+        # Non-negative floats already order like their int32 bit patterns.
+        key = flat.view(torch.int32) if self.method.nonnegative else floats_to_keys_(flat)
+        if any_pruned:
+            for start, n in chunks(key.numel(), chunk_size(key.device)):  # GPUs: whole tensors
+                pruned = self.masks.pruned_chunk(i, start, n)
+                key[start:start + n].mul_(pruned.logical_not()).add_(pruned, alpha=INT32_MIN)
+        self.structure.restrict_(i, key)
+        return key
+
+    def _store_rows(self, key: torch.Tensor, i: int, per_row: int) -> None:
+        """Pack the `per_row` lowest keys of every output row of parameter i into its bits."""
+        p, bits = self.masks.params[i], self.masks.bits[i]
+        rows, cols = p.shape[0], p.numel() // p.shape[0]
+        first_index = sum(q.numel() for q in self.masks.params[:i])
+        per = max(8, (CHUNK // cols) // 8 * 8)  # whole bytes per chunk of rows
+        for r0 in range(0, rows, per):
+            part = key[r0 * cols:(r0 + per) * cols].view(-1, cols)
+            selected = row_select(part, per_row, first_index + r0 * cols).reshape(-1)
+            start = r0 * cols
+            bits[start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
+
+    def _store(self, keys: list[torch.Tensor], k: int, first: int, counted: Counters | None = None) -> bool:
+        """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ...
+
+        `counted`: counters holding the keys' first histogram already (or the finds of their window).
+        True if the same pass also zeroed those parameters' pruned weights and states."""
+        # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
+        # in place rather than holding a second copy.
+        found = window.window_threshold(counted, k) if k and counted is not None and counted.windowed else None
+        tied = None
+        if found is not None:
+            thr, tied = found
+        else:  # (a window that missed counted no histogram: the histograms are counted over the keys)
+            thr = kth_threshold(keys, k, first_histogram=None if counted is None or counted.windowed else counted) \
+                if k else None
+        first_index = sum(p.numel() for p in self.masks.params[:first])
+        if thr is not None:  # on the CPU, the usual few tied keys are settled in the keys (the same choice)
+            thr = settle_ties_(keys, thr, first_index, where=tied)
+        indices = range(first, first + len(keys))
+        if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
+                                               [self.masks.zero_targets(self.masks.params[i], self.optimizer)
+                                                for i in indices]):
+            return True  # bits and zeroing in one pass (CPU, no tie to break)
+        for j in range(len(keys)):
+            self.masks.bits[first + j].zero_()
+        if thr is not None:
+            # Ties are broken by a hash of each weight's index in the whole pool, whichever layers are selected.
+            chunk = chunk_size(keys[0].device)  # cache-sized on CPUs, whole tensors on GPUs (fewer launches)
+            for j, start, selected in iter_selection(keys, thr, chunk=chunk, first_index=first_index):
+                self.masks.bits[first + j][start // 8:start // 8 + (selected.numel() + 7) // 8] = pack_bits(selected)
+        return False
+
+
+def _spent_gradient(p: nn.Parameter) -> torch.Tensor | None:
+    """p.grad, if it can hold p's float32 scores in place.
+
+    A mask update in after_step runs after the optimizer step, when the
+    gradient has been used and the next step's zero_grad would drop it: its
+    memory is free to hold the scores, so the update adds no score-sized
+    buffer. The update pass sets it to None afterwards.
+    """
+    g = p.grad
+    if (g is None or g.dtype != torch.float32 or g.layout != torch.strided or g.shape != p.shape
+            or not g.is_contiguous() or g.requires_grad):
+        return None
+    return g.detach()
