@@ -6,23 +6,29 @@ bitter7 update to 50% with later steps switched off one by one, the variants
 alternating round by round (best of the rounds each, each update from the same
 trained weights and moments), plus bench-pruning's streaming pass:
 
-  now           everything: a sample of the keys sets a window; each weight's score and key in one C
-                pass that counts the keys below the window and collects those inside it; the
-                threshold among those; bits and zeroing in a second pass
-  no_window     the same without the window (session 5's update): the first histogram counted in
-                the score pass, the second histogram (and, when the threshold's key ties, a search
-                for the tied keys) in further passes over the keys
-  torch_scores  scores as torch operations in cache-sized pieces, then C histogram passes
-  whole_scores  and scores over whole tensors at once
-  torch_store   and the bits and zeroing as torch passes (iter_selection, pack_bits, multiplies)
-  before        and torch's histograms: the update as it was before issue 18
+  now             everything: a sample of the keys sets a window; each weight's score and key in
+                  one C pass that counts the keys below the window and collects those inside it;
+                  the threshold among those; the bits and the zeroing of the weights in a second
+                  pass (kprune's AdamW takes a pruned weight's moments as 0 in its next step)
+  moments_zeroed  the same, the second pass zeroing the moments too (as before session 6)
+  no_window       and without the window (session 5's update): the first histogram counted in
+                  the score pass, the second histogram (and, when the threshold's key ties, a
+                  search for the tied keys) in further passes over the keys
+  torch_scores    `now` with the scores as torch operations in cache-sized pieces (the window
+                  counted over the keys torch wrote)
+  whole_scores    and scores over whole tensors at once
+  torch_store     and the bits and zeroing as torch passes (iter_selection, pack_bits, multiplies)
+  before          no C at all, no window, moments zeroed: the update as it was before issue 18
 
 Prints one JSON line: each variant's seconds and its ratio to the streaming
 pass, and `differing_masks`: how many weights `torch_scores` selected
 differently from `now` (torch's CPU square root may be one unit off in the
 last place where select.c's is correctly rounded, so a weight whose bitter7
 score lies within a unit of the threshold may go either way: a handful at
-most), and each later variant from `torch_scores` (the same scores: 0). Like every figure here, compare the ratios within one run.
+most), each later variant from `torch_scores` and `moments_zeroed`/`no_window`
+from `now` (the same scores: 0); and `paths`: what each variant's last update
+ran (C score passes, windows that held the threshold, C stores). Like every
+figure here, compare the ratios within one run.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from bench.pruning import layer_shapes
 from lib.optim import OPTIMIZERS
 from lib.pruning import selection
 from lib.pruning import scores as scores_module
-from lib.pruning import update_pass
+from lib.pruning import update_pass, window
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import Schedule
@@ -59,27 +65,42 @@ def main() -> int:
     optimizer = OPTIMIZERS["adamw"]([{"params": params, "weight_decay": 0.1}], settings)
     optimizer.step()
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("one-shot", start=1, end=1, final=0.5),
-                    build_method("state", "bitter7"), optimizer)
+                    build_method("state", "bitter7"), optimizer, fuse_masking=True)  # as a training run builds it
     gradients = [p.grad.clone() for p in params]
     native, store, piece = selection._native, update_pass.store_selection, scores_module.SCORE_CHUNK
     one_pass, torch_scores = UpdatePass._native_keys_, lambda *a, **k: False
     sampled, unsampled = UpdatePass._set_window, lambda *a: 0
     whole = 1 << 62
-    variants = {"now": (native, store, piece, one_pass, sampled),
-                "no_window": (native, store, piece, one_pass, unsampled),
-                "torch_scores": (native, store, piece, torch_scores, sampled),
-                "whole_scores": (native, store, whole, torch_scores, sampled),
-                "torch_store": (native, lambda *a: False, whole, torch_scores, sampled),
-                "before": (lambda: None, lambda *a: False, whole, torch_scores, unsampled)}
+    # (select.c, its store, the score chunk, the scoring pass, the window, whether the step zeroes the moments)
+    variants = {"now": (native, store, piece, one_pass, sampled, True),
+                "moments_zeroed": (native, store, piece, one_pass, sampled, False),
+                "no_window": (native, store, piece, one_pass, unsampled, False),
+                "torch_scores": (native, store, piece, torch_scores, sampled, True),
+                "whole_scores": (native, store, whole, torch_scores, sampled, True),
+                "torch_store": (native, lambda *a: False, whole, torch_scores, sampled, True),
+                "before": (lambda: None, lambda *a: False, whole, torch_scores, unsampled, False)}
+    paths: dict[str, int] = {}  # what the last update of a variant ran: C score passes, windows, C stores
+
+    def counted(fn, key: str, hit=bool):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            paths[key] += int(hit(out))
+            return out
+        return run
+    window_threshold = window.window_threshold
+    window.window_threshold = counted(window_threshold, "windows", lambda found: found is not None)
     trained = [(p.detach().clone(), optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["exp_avg_sq"].clone())
                for p in params]
 
     def switch(name: str) -> None:
-        (selection._native, update_pass.store_selection, scores_module.SCORE_CHUNK,
-         UpdatePass._native_keys_, UpdatePass._set_window) = variants[name]
+        c_select, c_store, chunk, scoring, sampling, pruner.fused_masking = variants[name]
+        (selection._native, scores_module.SCORE_CHUNK, UpdatePass._set_window) = c_select, chunk, sampling
+        update_pass.store_selection = counted(c_store, "c_stores")
+        UpdatePass._native_keys_ = counted(scoring, "c_scores")
 
     def update(name: str) -> float:
         switch(name)
+        paths.update(c_scores=0, windows=0, c_stores=0)
         pruner.clear()
         for p, (w, m, v) in zip(params, trained):  # from the trained state: the last update zeroed half of it
             p.data.copy_(w)
@@ -104,20 +125,24 @@ def main() -> int:
     stream()  # first touch
     best = {name: float("inf") for name in [*variants, "stream"]}
     masks = {}
+    taken = {}
     for _ in range(rounds):
         for name in variants:
             best[name] = min(best[name], update(name))
             masks[name] = torch.cat([b.clone() for b in pruner.masks.bits])
+            taken[name] = dict(paths)
         best["stream"] = min(best["stream"], stream())
     switch("now")
+    window.window_threshold = window_threshold
 
     def differing(name: str) -> int:
-        other = masks["now" if name in ("torch_scores", "no_window") else "torch_scores"]
+        other = masks["now" if name in ("torch_scores", "no_window", "moments_zeroed") else "torch_scores"]
         return int(torch.bitwise_xor(masks[name], other).view(-1, 1).bitwise_and(
             (1 << torch.arange(8, dtype=torch.uint8))).ne(0).sum())
 
     emit({"benchmark": "update-variants", "params": sum(p.numel() for p in params), "scale": scale,
           "differing_masks": {name: differing(name) for name in variants if name != "now"},
+          "paths": taken,
           **{f"{name}_s": round(t, 6) for name, t in best.items()},
           **{f"{name}_vs_stream": round(best[name] / best["stream"], 2) for name in variants}})
     return 0

@@ -140,6 +140,17 @@ void kprune_counters_free(void *handle)
     free(c);
 }
 
+/* The part of the window's finds with the most room left: where a pass small enough for one thread
+ * puts its finds, so that many small tensors do not all fill the first thread's part. */
+static int roomiest(const counters *c)
+{
+    int best = 0;
+    for (int t = 1; t < c->threads; t++)
+        if (c->used[t] < c->used[best])
+            best = t;
+    return best;
+}
+
 /* Threads for a pass over n elements with these counters: one below `small` elements, where a
  * thread costs more than it saves. */
 static int pass_threads(int threads, const counters *c, int64_t n, int64_t small)
@@ -279,7 +290,8 @@ void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high
     threads = pass_threads(threads, c, n, (int64_t)1 << 18);
     hist_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
-        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE, c, i, offset};
+        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE, c,
+                              threads == 1 && c->window ? roomiest(c) : i, offset};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(count, work, sizeof work[0], threads);
@@ -374,7 +386,8 @@ int kprune_score_keys(int formula, const float *w, const float *m, const float *
     score_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         work[i] = (score_work){formula, w, m, v, keys, pruned, 0, 0, correction,
-                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, c, i, offset, raw};
+                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, c,
+                               threads == 1 && c != NULL && c->window ? roomiest(c) : i, offset, raw};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(score_keys, work, sizeof work[0], threads);

@@ -25,8 +25,19 @@ def test_every_variant_of_the_update_selects_the_same_weights_and_reports_its_ra
     # C histograms, C store and score pieces change nothing selected; select.c's scores differ from torch's
     # in the last unit of a square root at most, which moves a weight within a unit of the threshold at most
     # (a wrong formula would move about half of them).
-    assert differing["whole_scores"] == differing["torch_store"] == differing["before"] == differing["no_window"] == 0
+    assert differing["whole_scores"] == differing["torch_store"] == differing["before"] == 0
+    assert differing["no_window"] == differing["moments_zeroed"] == 0
     assert differing["torch_scores"] <= out["params"] // 10_000
-    for name in ("now", "no_window", "torch_scores", "whole_scores", "torch_store", "before"):
+    # Each variant ran what it names (a switch that missed its target would leave every variant the same).
+    layers = 49  # bench-pruning's 12 x 4 blocks and the output layer
+    assert out["paths"] == {
+        "now": {"c_scores": layers, "windows": 1, "c_stores": 1},
+        "moments_zeroed": {"c_scores": layers, "windows": 1, "c_stores": 1},
+        "no_window": {"c_scores": layers, "windows": 0, "c_stores": 1},
+        "torch_scores": {"c_scores": 0, "windows": 1, "c_stores": 1},
+        "whole_scores": {"c_scores": 0, "windows": 1, "c_stores": 1},
+        "torch_store": {"c_scores": 0, "windows": 1, "c_stores": 0},
+        "before": {"c_scores": 0, "windows": 0, "c_stores": 0}}
+    for name in ("now", "moments_zeroed", "no_window", "torch_scores", "whole_scores", "torch_store", "before"):
         assert out[f"{name}_s"] > 0
         assert out[f"{name}_vs_stream"] == pytest.approx(out[f"{name}_s"] / out["stream_s"], rel=0.05, abs=0.01)

@@ -171,13 +171,19 @@ def test_with_the_masking_in_the_step_an_update_zeroes_only_the_weights(native_s
     opt = KpruneAdamW(params, lr=1e-2, weight_decay=0.1)
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("one-shot", start=1, end=1, final=0.5),
                     build_method("state", "bitter7"), opt, fuse_masking=True)
-    if not native_store:
-        monkeypatch.setattr("lib.pruning.update_pass.store_selection", lambda *args: False)
+    from lib.pruning import update_pass
+    stores, real_store = [], update_pass.store_selection
+
+    def store(*args):  # which path zeroed the weights: the C store (True) or the torch zeroing after it
+        stores.append(real_store(*args) if native_store else False)
+        return stores[-1]
+    monkeypatch.setattr(update_pass, "store_selection", store)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
     opt.step()
     moments = [{k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in params]
     pruner.after_step(1)
+    assert stores == [native_store]
     assert pruner.fused_masking and pruner.pruned_count == (300 * 200 + 50 * 40) // 2
     for i, p in enumerate(params):
         pruned = pruner.masks.pruned_mask(i)
