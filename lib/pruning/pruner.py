@@ -3,7 +3,8 @@
 The training loop calls `observe()` after each backward pass (methods that
 watch training record what they need), `after_backward()` (zero the gradients
 of pruned weights; with `fuse_masking`, kprune's Adam/AdamW does it inside
-its step instead) and `after_step(step)` after each optimizer step (update
+its step instead, and takes the pruned weights' moments as 0 there too, so
+an update then zeroes only the weights it prunes) and `after_step(step)` after each optimizer step (update
 the masks when the schedule says so; the scores of an update are written into
 the spent gradients, which are set to None, so it needs no score-sized
 buffer; `peak_score_bytes` records the score memory it did need; how an

@@ -1,4 +1,4 @@
-/* kprune's exact selection on the CPU (lib/pruning/selection.py, lib/pruning/pruner.py).
+/* kprune's exact selection on the CPU (lib/pruning/selection.py, lib/pruning/update_pass.py).
  *
  * kprune_score_keys: an element-wise score (lib/pruning/scores.py's formulas, one rounding per
  * operation in the same order; square roots correctly rounded) turned into its int32 selection
