@@ -231,19 +231,20 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
 
 
 def sample_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,
-                pruned_bits: torch.Tensor | None, runs: int, stride: int, length: int,
-                correction: float = 1.0) -> torch.Tensor | None:
-    """The keys score_keys would write for `runs` runs of `length` consecutive weights of w, the r-th from
-    r * stride (int32, runs * length); None where score_keys could not serve."""
+                pruned_bits: torch.Tensor | None, runs: int, stride: int, length: int, out: torch.Tensor,
+                correction: float = 1.0) -> bool:
+    """Write into `out` (int32, contiguous, runs * length) the keys score_keys would write for `runs` runs
+    of `length` consecutive weights of w, the r-th from r * stride; False, writing nothing, where
+    score_keys could not serve."""
     lib = _native()
     if lib is None or formula not in NATIVE_FORMULAS or runs * stride > w.numel() or stride < length or not all(
             t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
             for t in (w, m, v) if t is not None):
-        return None
-    out = torch.empty(runs * length, dtype=torch.int32)
+        return False
+    assert out.dtype == torch.int32 and out.is_contiguous() and out.numel() == runs * length
     ptr = [None if t is None else t.data_ptr() for t in (w, m, v, pruned_bits)]
-    lib.kprune_sample_keys(NATIVE_FORMULAS[formula], *ptr, runs, stride, length, correction, out.data_ptr())
-    return out
+    return lib.kprune_sample_keys(NATIVE_FORMULAS[formula], *ptr, runs, stride, length, correction,
+                                  out.data_ptr()) == 0
 
 
 def native_selection() -> bool:

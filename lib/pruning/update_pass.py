@@ -136,21 +136,20 @@ class UpdatePass:
         if not isinstance(method, FunctionMethod) or not window.WINDOW_FROM <= n <= 1 << 32:  # 32-bit positions
             return 0
         budget = window.sample_budget(n)
-        parts, held = [], 0
-        for i, p in enumerate(params):
+        lines = [window.sample_lines(p.numel(), n, budget) for p in params]
+        sample = torch.empty(sum(runs * length for runs, _, length in lines), dtype=torch.int32)
+        peak = 4 * sample.numel()  # the sampled keys, in one buffer
+        start = 0
+        for i, (p, (runs, stride, length)) in enumerate(zip(params, lines)):
             arguments = native_arguments(method.fn, self.optimizer.state.get(p, {}), ctx)
             if arguments is None:
-                return 0
+                return peak
             formula, m, v, correction = arguments
-            key = sample_keys(formula, p.detach(), m, v, self.masks.bits[i] if pruned_before[i] else None,
-                              *window.sample_lines(p.numel(), n, budget), correction)
-            if key is None:
-                return 0
-            parts.append(key)
-            held += 4 * key.numel()
-        sample = torch.cat(parts)
-        del parts
-        peak = 2 * held  # the parts and their concatenation
+            part = sample[start:start + runs * length]
+            if not sample_keys(formula, p.detach(), m, v, self.masks.bits[i] if pruned_before[i] else None,
+                               runs, stride, length, part, correction):
+                return peak
+            start += part.numel()
         chosen = window.choose_window(sample, n, k, counters.threads)
         if chosen is not None:
             counters.set_window(*chosen)
