@@ -83,7 +83,7 @@ from lib.settings import Settings
 REPEATS = 3
 # The steps compared with each other take ~0.05 s: best of more alternating rounds, so that one lucky round
 # (the machine's noise is of the order of the masking's cost) does not decide a ratio.
-STEP_REPEATS = 7
+STEP_REPEATS = 15
 CLIP = 1.0  # GRAD_CLIP of every shipped defconfig
 
 
