@@ -6,8 +6,9 @@
  * all in one pass that reads the weight and the optimizer states it needs and writes the key.
  * kprune_histogram: the radix-histogram passes that find the k-th key.
  * kprune_counters_window: instead of the first histogram, count the keys below a window [lo, hi]
- * that a sample says holds the k-th key, and collect the keys inside it with their positions: the
- * k-th key is then found among those few, and no second pass over every key is needed.
+ * that a sample says holds the k-th key and the keys inside it; a second pass then counts only the
+ * keys inside, each in its own bin of the (otherwise idle) histogram counters, and kprune_window_kth
+ * reads the k-th key off those: no histogram increment for the keys outside the window, no memory.
  * kprune_sample_keys: the keys of a sample of the weights (a few cache lines each), for the window.
  * kprune_find_equal: where the keys equal to the threshold are, when only some of them are selected.
  * kprune_select_store: the pass after them, when every key equal to the threshold is
@@ -61,13 +62,15 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
 typedef struct {
     int threads;
     uint32_t *sub;                  /* threads x COPIES x STRIDE */
-    /* Window mode (kprune_counters_window): a first pass counts the keys below lo and appends each key
-     * in [lo, hi] as key << 32 | its position in the pool to its thread's part of `found` (cap each). */
-    int window;
+    /* Window mode (kprune_counters_window): a first pass counts per thread the keys below lo and those
+     * in [lo, hi]; the second (kprune_histogram's low_pass 3) counts each key in [lo, hi] in bin
+     * (key - lo) >> shift of the thread's counters, taken as one flat array of WINDOW_BINS. */
+    int window, shift;
     int32_t lo, hi;
-    int64_t *found, cap;
-    int64_t used[MAX_THREADS], below[MAX_THREADS];  /* used may pass cap: the part is full, the window fails */
+    int64_t inside[MAX_THREADS], below[MAX_THREADS];
 } counters;
+
+#define WINDOW_BINS ((int64_t)COPIES * STRIDE)  /* a window spans fewer key values than this */
 
 /* Counters for passes of up to `threads` threads; NULL if there is no memory. A thread's uint32
  * counters hold at most the keys it counts / COPIES: kprune's pools are below 2**32 weights. */
@@ -104,32 +107,70 @@ int64_t kprune_counters_take(void *handle, int64_t *hist)
     return zeros;
 }
 
-/* From now on a first pass over keys counts those below lo and collects those in [lo, hi] (lo > INT32_MIN,
- * lo <= hi) into found (threads x cap int64), instead of the first histogram. */
-void kprune_counters_window(void *handle, int32_t lo, int32_t hi, int64_t *found, int64_t cap)
+/* From now on a first pass over keys counts those below lo and those in [lo, hi] (lo <= hi) instead of
+ * the first histogram. A window of more key values than WINDOW_BINS is counted in bins of 2^shift values. */
+void kprune_counters_window(void *handle, int32_t lo, int32_t hi)
 {
     counters *c = handle;
     c->window = 1;
     c->lo = lo;
     c->hi = hi;
-    c->found = found;
-    c->cap = cap;
-    memset(c->used, 0, sizeof c->used);
+    c->shift = 0;
+    while ((((uint64_t)(uint32_t)hi - (uint32_t)lo) >> c->shift) >= (uint64_t)WINDOW_BINS)
+        c->shift++;
+    memset(c->inside, 0, sizeof c->inside);
     memset(c->below, 0, sizeof c->below);
 }
 
-/* Ends window mode: used[0..threads) = how many keys each thread found (more than cap: its part
- * overflowed); returns how many keys were below lo. */
-int64_t kprune_counters_window_take(void *handle, int64_t *used)
+/* After the first pass in window mode: how many keys lay below lo (returned) and in [lo, hi] (*inside). */
+int64_t kprune_counters_window_counts(void *handle, int64_t *inside)
 {
     counters *c = handle;
     int64_t below = 0;
+    *inside = 0;
     for (int t = 0; t < c->threads; t++) {
-        used[t] = c->used[t];
         below += c->below[t];
+        *inside += c->inside[t];
     }
-    c->window = 0;
     return below;
+}
+
+/* After a second pass in window mode: the k-th lowest (1-based) of the keys counted. Returns 0 with out[0] the
+ * key, out[1] how many counted keys lie below it and out[2] how many equal it; or, where bins are 2^shift
+ * key values wide, 1 with the window narrowed to the k-th key's bin (one value a bin: count again) and out[1]
+ * the keys below that bin; -1 if fewer than k keys were counted. The counters start again from zero; window
+ * mode ends unless the window was narrowed. */
+int kprune_window_kth(void *handle, int64_t k, int64_t *out)
+{
+    counters *c = handle;
+    int64_t bins = (int64_t)((((uint64_t)(uint32_t)c->hi - (uint32_t)c->lo) >> c->shift) + 1), cum = 0, hit = -1;
+    for (int64_t b = 0; b < bins && hit < 0; b++) {
+        int64_t count = 0;
+        for (int t = 0; t < c->threads; t++)
+            count += c->sub[(int64_t)t * COPIES * STRIDE + b];
+        if (cum + count >= k) {
+            hit = b;
+            out[0] = (int64_t)c->lo + (b << c->shift);
+            out[1] = cum;
+            out[2] = count;
+        }
+        cum += count;
+    }
+    for (int t = 0; t < c->threads; t++)
+        memset(c->sub + (int64_t)t * COPIES * STRIDE, 0, bins * sizeof(uint32_t));
+    if (hit < 0) {
+        c->window = 0;
+        return -1;
+    }
+    if (c->shift == 0) {
+        c->window = 0;
+        return 0;
+    }
+    int64_t top = out[0] + ((int64_t)1 << c->shift) - 1;
+    c->lo = (int32_t)out[0];
+    c->hi = top < c->hi ? (int32_t)top : c->hi;
+    c->shift = 0;
+    return 1;
 }
 
 void kprune_counters_free(void *handle)
@@ -138,17 +179,6 @@ void kprune_counters_free(void *handle)
     if (c != NULL)
         free(c->sub);
     free(c);
-}
-
-/* The part of the window's finds with the most room left: where a pass small enough for one thread
- * puts its finds, so that many small tensors do not all fill the first thread's part. */
-static int roomiest(const counters *c)
-{
-    int best = 0;
-    for (int t = 1; t < c->threads; t++)
-        if (c->used[t] < c->used[best])
-            best = t;
-    return best;
 }
 
 /* Threads for a pass over n elements with these counters: one below `small` elements, where a
@@ -190,42 +220,21 @@ static inline void count_high(uint32_t *restrict s, const int32_t *restrict k, i
     s[ZEROS] += zeros;
 }
 
-/* Window mode's first pass over keys [begin, end) of thread t (positions offset + i): the keys below
- * lo counted, those in [lo, hi] appended. Few keys lie in the window: GROUP keys are tested at once
- * (vectorised) and only a group holding one of them is looked at key by key. */
-#define GROUP 32                    /* keys tested at once (two 64-byte vectors of keys) */
+/* Window mode's first pass over keys [begin, end) of thread t: the keys below lo and those in [lo, hi]
+ * counted (vector compares, no histogram). */
+#define GROUP 32                    /* keys tested at once in the filtered passes (two 64-byte vectors of keys) */
 
-static void window_keys(counters *c, int t, const int32_t *restrict k, int64_t begin, int64_t end, int64_t offset)
+static void window_counts(counters *c, int t, const int32_t *restrict k, int64_t begin, int64_t end)
 {
     const int32_t lo = c->lo;
     const uint32_t ulo = (uint32_t)lo, span = (uint32_t)c->hi - (uint32_t)lo;
-    int64_t *restrict out = c->found + (int64_t)t * c->cap;
-    const int64_t cap = c->cap;
-    int64_t used = c->used[t], below = 0, i = begin;
-    for (; i + GROUP <= end; i += GROUP) {
-        int inside = 0;
-        for (int j = 0; j < GROUP; j++) {
-            below += k[i + j] < lo;
-            inside |= (uint32_t)k[i + j] - ulo <= span;
-        }
-        if (inside)
-            for (int j = 0; j < GROUP; j++)
-                if ((uint32_t)k[i + j] - ulo <= span) {
-                    if (used < cap)
-                        out[used] = (int64_t)((uint64_t)(uint32_t)k[i + j] << 32 | (uint32_t)(offset + i + j));
-                    used++;
-                }
-    }
-    for (; i < end; i++) {
+    int64_t below = 0, inside = 0;
+    for (int64_t i = begin; i < end; i++) {
         below += k[i] < lo;
-        if ((uint32_t)k[i] - ulo <= span) {
-            if (used < cap)
-                out[used] = (int64_t)((uint64_t)(uint32_t)k[i] << 32 | (uint32_t)(offset + i));
-            used++;
-        }
+        inside += (uint32_t)k[i] - ulo <= span;
     }
-    c->used[t] = used;
     c->below[t] += below;
+    c->inside[t] += inside;
 }
 
 typedef struct {
@@ -234,9 +243,8 @@ typedef struct {
     int low_pass;
     int32_t high;
     uint32_t *sub;                  /* COPIES x STRIDE counts of this thread's own */
-    counters *c;                    /* in window mode (pass 1 only): where thread t's finds go */
+    counters *c;                    /* in window mode: the window's counts (pass 1) or bins (low_pass 3) */
     int t;
-    int64_t offset;
 } hist_work;
 
 
@@ -247,9 +255,29 @@ static void *count(void *arg)
     uint32_t *restrict s = w->sub;
     if (!w->low_pass) {
         if (w->c->window)
-            window_keys(w->c, w->t, k, w->begin, w->end, w->offset);
+            window_counts(w->c, w->t, k, w->begin, w->end);
         else
             count_high(s, k, w->begin, w->end);
+        return NULL;
+    }
+    if (w->low_pass == 3) {
+        /* Window mode's second pass: each key in [lo, hi] counted in bin key - lo; few are, so a group of
+         * keys with none of them is skipped after one vectorised test. */
+        const uint32_t ulo = (uint32_t)w->c->lo, span = (uint32_t)w->c->hi - ulo;
+        const int shift = w->c->shift;
+        int64_t i = w->begin;
+        for (; i + GROUP <= w->end; i += GROUP) {
+            int inside = 0;
+            for (int j = 0; j < GROUP; j++)
+                inside |= (uint32_t)k[i + j] - ulo <= span;
+            if (inside)
+                for (int j = 0; j < GROUP; j++)
+                    if ((uint32_t)k[i + j] - ulo <= span)
+                        s[((uint32_t)k[i + j] - ulo) >> shift]++;
+        }
+        for (; i < w->end; i++)
+            if ((uint32_t)k[i] - ulo <= span)
+                s[((uint32_t)k[i] - ulo) >> shift]++;
         return NULL;
     }
     const int32_t high = w->high;
@@ -282,16 +310,15 @@ static void *count(void *arg)
     return NULL;
 }
 
-/* offset: the position in the pool of keys[0] (window mode keeps positions) */
-void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads,
-                      int64_t offset)
+/* low_pass 0: pass 1 (in window mode: the window's counts); 1, 2: pass 2 of the keys whose top 16 bits are
+ * `high`; 3: window mode's second pass (and third, after kprune_window_kth narrowed the window). */
+void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads)
 {
     counters *c = handle;
     threads = pass_threads(threads, c, n, (int64_t)1 << 18);
     hist_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
-        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE, c,
-                              threads == 1 && c->window ? roomiest(c) : i, offset};
+        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE, c, i};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(count, work, sizeof work[0], threads);
@@ -313,9 +340,8 @@ typedef struct {
     int64_t begin, end;
     float correction;
     uint32_t *sub;                  /* NULL: no histogram */
-    counters *c;                    /* its window mode: the window's count instead of the histogram */
+    counters *c;                    /* its window mode: the window's counts instead of the histogram */
     int t;
-    int64_t offset;                 /* position of w[0] in the pool */
     int raw;                        /* the float scores themselves, not keys (a group structure sums them) */
 } score_work;
 
@@ -357,7 +383,7 @@ static void *score_keys(void *arg)
             for (int64_t i = b0; i < b1; i++)
                 k[i] = (a->pruned[i >> 3] >> (i & 7)) & 1 ? INT32_MIN : k[i];
         if (a->c != NULL && a->c->window)
-            window_keys(a->c, a->t, k, b0, b1, a->offset);
+            window_counts(a->c, a->t, k, b0, b1);
         else if (a->sub != NULL)
             count_high(a->sub, k, b0, b1);
     }
@@ -366,12 +392,11 @@ static void *score_keys(void *arg)
 
 /* Keys of n weights by `formula` (m, v: the optimizer's moments, NULL where the formula reads none;
  * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters (in
- * window mode: the window's count and finds, positions from offset, the pool position of w[0]).
+ * window mode: the window's counts).
  * A negative formula -1 - f writes formula f's float scores themselves (no key, pruned and handle
  * unused). Returns -1 for an unknown formula, writing nothing. */
 int kprune_score_keys(int formula, const float *w, const float *m, const float *v, int32_t *keys,
-                      const uint8_t *pruned, int64_t n, float correction, void *handle, int threads,
-                      int64_t offset)
+                      const uint8_t *pruned, int64_t n, float correction, void *handle, int threads)
 {
     int raw = formula < 0;
     if (raw) {
@@ -386,8 +411,7 @@ int kprune_score_keys(int formula, const float *w, const float *m, const float *
     score_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         work[i] = (score_work){formula, w, m, v, keys, pruned, 0, 0, correction,
-                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, c,
-                               threads == 1 && c != NULL && c->window ? roomiest(c) : i, offset, raw};
+                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, c, i, raw};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(score_keys, work, sizeof work[0], threads);

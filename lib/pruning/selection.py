@@ -87,7 +87,7 @@ def kth_threshold(keys: list[torch.Tensor], k: int, first_histogram: "Counters |
                 # pass 2 skips groups of keys outside the bin when few keys are inside it (an eighth at most)
                 kind = 0 if high is None else 2 if inside * 8 <= n else 1
                 for t in keys:  # one C pass per tensor, reading each key once
-                    lib.kprune_histogram(t.data_ptr(), t.numel(), kind, high or 0, counters.handle, threads, 0)
+                    lib.kprune_histogram(t.data_ptr(), t.numel(), kind, high or 0, counters.handle, threads)
             counted = False
             return counters.take(hist)
 
@@ -100,6 +100,7 @@ class Counters:
     def __init__(self, threads: int):
         self.lib = _native()
         self.threads = max(1, min(threads, 64))  # select.c's MAX_THREADS
+        self.windowed = False
         self.handle = self.lib.kprune_counters_new(threads)
         if not self.handle:
             raise MemoryError("no memory for the selection's histogram counters")
@@ -109,40 +110,39 @@ class Counters:
         were exactly 0. The counters start again from zero."""
         return self.lib.kprune_counters_take(self.handle, hist.data_ptr())
 
-    def set_window(self, lo: int, hi: int, capacity: int) -> None:
-        """From now on the first pass counts the keys below `lo` and collects those in [lo, hi] (with their
-        pool positions, `capacity` per thread) instead of the first histogram: see window_threshold."""
+    def set_window(self, lo: int, hi: int) -> None:
+        """From now on the first pass counts the keys below `lo` and those in [lo, hi] instead of the first
+        histogram (window_kth then finds the k-th key)."""
         assert INT32_MIN < lo <= hi < 2 ** 31, (lo, hi)
-        self.found = torch.empty(self.threads * capacity, dtype=torch.int64)
-        self.capacity = capacity
-        self.lib.kprune_counters_window(self.handle, lo, hi, self.found.data_ptr(), capacity)
+        self.lib.kprune_counters_window(self.handle, lo, hi)
+        self.windowed = True
 
-    @property
-    def window_bytes(self) -> int:
-        """Memory the window's finds take (0 without a window)."""
-        found = getattr(self, "found", None)
-        return 0 if found is None else found.numel() * found.element_size()
+    def window_counts(self) -> tuple[int, int]:
+        """(keys below the window, keys inside it) after the first pass."""
+        inside = ctypes.c_int64()
+        below = self.lib.kprune_counters_window_counts(self.handle, ctypes.byref(inside))
+        return below, inside.value
 
-    @property
-    def windowed(self) -> bool:
-        """Whether a window was set: the first pass then counted no histogram."""
-        return getattr(self, "capacity", None) is not None
-
-    def take_window(self) -> tuple[int, list[torch.Tensor]] | None:
-        """(how many keys lay below the window, its finds: key << 32 | pool position, int64, one tensor per
-        thread) after the first pass; None if there was no window or a thread found more than its room."""
-        found = getattr(self, "found", None)
-        if found is None:
+    def window_kth(self, keys: list[torch.Tensor], k: int) -> Threshold | None:
+        """The k-th lowest of the keys inside the window, as a Threshold within it, from a second pass over
+        `keys` that counts only those (a third, inside the k-th key's bin, where the window spans more key
+        values than the counters have bins); None if it holds fewer. Ends window mode."""
+        threads = torch.get_num_threads()
+        out = (ctypes.c_int64 * 3)()
+        status = 1
+        while status == 1:
+            for t in keys:
+                self.lib.kprune_histogram(t.data_ptr(), t.numel(), 3, 0, self.handle, threads)
+            status = self.lib.kprune_window_kth(self.handle, k, out)
+            if status == 1:
+                k -= out[1]  # the keys below the k-th key's bin; the window is that bin now
+        self.windowed = False
+        if status != 0:
             return None
-        self.found = None
-        used = torch.zeros(self.threads, dtype=torch.int64)
-        below = self.lib.kprune_counters_window_take(self.handle, used.data_ptr())
-        if int(used.max()) > self.capacity:
-            return None
-        return below, [found[t * self.capacity:t * self.capacity + int(used[t])] for t in range(self.threads)]
+        key, below, equal = out
+        return Threshold(key=key, ties=k - below, equal=equal)
 
     def close(self) -> None:
-        self.found = None
         if self.handle:
             self.lib.kprune_counters_free(self.handle)
             self.handle = None
@@ -173,11 +173,12 @@ def _native() -> ctypes.CDLL | None:
             "kprune_counters_new": ([cint], ptr),
             "kprune_counters_take": ([ptr, ptr], i64),
             "kprune_counters_free": ([ptr], None),
-            "kprune_histogram": ([ptr, i64, cint, i32, ptr, cint, i64], None),
-            "kprune_score_keys": ([cint, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, cint, i64], cint),
-            "kprune_counters_window": ([ptr, i32, i32, ptr, i64], None),
+            "kprune_histogram": ([ptr, i64, cint, i32, ptr, cint], None),
+            "kprune_score_keys": ([cint, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, cint], cint),
+            "kprune_counters_window": ([ptr, i32, i32], None),
+            "kprune_counters_window_counts": ([ptr, ptr], i64),
+            "kprune_window_kth": ([ptr, i64, ptr], cint),
             "kprune_sample_keys": ([cint, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr], cint),
-            "kprune_counters_window_take": ([ptr, ptr], i64),
             "kprune_find_equal": ([ptr, i64, i32, i64, ptr, i64], i64),
             "kprune_select_store": ([ptr, i64, i32, ptr, ptr, cint, cint], cint),
             "kprune_nm_cap": ([ptr, i64, cint, i64, cint, cint], None),
@@ -196,15 +197,14 @@ NATIVE_FORMULAS = {name: i for i, name in enumerate(
 
 def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, out: torch.Tensor,
                pruned_bits: torch.Tensor | None, correction: float = 1.0, counters: Counters | None = None,
-               keys: bool = True, position: int = 0) -> bool:
+               keys: bool = True) -> bool:
     """scores.<formula> of w written into `out` as selection keys, in one C pass per tensor.
 
     The values are the torch formula's, one rounding per operation in its order, except that the
     square roots are correctly rounded (torch's CPU square root may be one unit off in the last
     place); the keys are what floats_to_keys_ makes of them; pruned weights (`pruned_bits`, packed
     as MaskSet keeps them) get the lowest key; with `counters`, the keys' first histogram is
-    counted in the same pass (or, with a window set, the window's count and finds: `position` is the
-    pool position of w's first weight). m and v are Adam's moments (None where the formula reads neither),
+    counted in the same pass (or, with a window set, the window's counts). m and v are Adam's moments (None where the formula reads neither),
     `correction` bitter8's 1 - beta1^t. With keys=False the float scores themselves are written
     (what a block or channel structure sums into its group scores; pruned_bits and counters unused).
 
@@ -227,7 +227,7 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     code = NATIVE_FORMULAS[formula] if keys else -1 - NATIVE_FORMULAS[formula]
     return lib.kprune_score_keys(code, address(w), address(m), address(v), address(out),
                                  address(pruned_bits), w.numel(), correction,
-                                 counters.handle if counters else None, torch.get_num_threads(), position) == 0
+                                 counters.handle if counters else None, torch.get_num_threads()) == 0
 
 
 def sample_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,
@@ -252,26 +252,23 @@ def native_selection() -> bool:
     return _native() is not None
 
 
-def count_first_histogram(key: torch.Tensor, counters: Counters, position: int = 0) -> None:
+def count_first_histogram(key: torch.Tensor, counters: Counters) -> None:
     """Add the CPU int32 keys `key` (written by torch, not score_keys) to the counters' first histogram
-    (with a window set: to the window's count and finds; `position`: the pool position of key[0])."""
-    _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads(),
-                               position)
+    (with a window set: to the window's counts)."""
+    _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads())
 
 
 TIES_SETTLED_AT_MOST = 1 << 20  # tied keys settle_ties_ takes on (8 MiB of positions); beyond, iter_selection
 
 
-def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0,
-                 where: torch.Tensor | None = None) -> Threshold:
+def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0) -> Threshold:
     """Break the threshold's tie in the keys themselves, so that every key equal to it is selected.
 
     Of the keys equal to thr.key, those iter_selection would not take (all but the thr.ties whose
     global indices hash lowest) are raised to thr.key + 1, a key above the threshold: then
     selecting `key <= threshold` (store_selection's one pass) selects what iter_selection would.
     Where the keys are on the CPU and there are at most TIES_SETTLED_AT_MOST tied keys (one C pass
-    finds them, unless `where` gives their global indices: the selection's window found them);
-    otherwise `thr` is returned unchanged. The keys are the update's scratch scores.
+    finds them); otherwise `thr` is returned unchanged. The keys are the update's scratch scores.
     """
     lib = _native()
     if thr.ties == thr.equal or thr.equal > TIES_SETTLED_AT_MOST or thr.key == 2 ** 31 - 1 or lib is None \
@@ -280,15 +277,12 @@ def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0,
     total = first_index + sum(k.numel() for k in keys)
     if total > 1 << 32:
         return thr  # iter_selection says why no more weights can be pruned as one pool
-    if where is None:
-        where = torch.empty(thr.equal, dtype=torch.int64)
-        found, offset = 0, first_index
-        for k in keys:
-            found += lib.kprune_find_equal(k.data_ptr(), k.numel(), thr.key, offset, where[found:].data_ptr(),
-                                           thr.equal - found)
-            offset += k.numel()
-    else:
-        found = where.numel()
+    where = torch.empty(thr.equal, dtype=torch.int64)
+    found, offset = 0, first_index
+    for k in keys:
+        found += lib.kprune_find_equal(k.data_ptr(), k.numel(), thr.key, offset, where[found:].data_ptr(),
+                                       thr.equal - found)
+        offset += k.numel()
     assert found == thr.equal, "selection bug: the tied keys were miscounted"
     hashes = tie_hash(where)
     left = where[hashes > torch.sort(hashes).values[thr.ties - 1]]  # the tied keys iter_selection leaves

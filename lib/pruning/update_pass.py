@@ -57,8 +57,7 @@ class UpdatePass:
             and counts.per_row is None else None
         try:
             if counters is not None and counts.total:  # a sample of the keys: the window that holds the k-th
-                peak = self._set_window(counters, counts.total, pruned_before, ctx)
-            position = 0  # of the parameter's first weight in the pool
+                peak = self._set_window(counters, counts.total, pruned_before, ctx, gradients_spent)
             for i, p in enumerate(masks.params):
                 out, own = _spent_gradient(p) if gradients_spent else None, 0
                 if out is None:
@@ -67,12 +66,10 @@ class UpdatePass:
                 else:
                     borrowed.append(p)
                 allocated += own
-                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + calibration_bytes \
-                    + (counters.window_bytes if counters is not None else 0)
+                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + calibration_bytes
                 state = self.optimizer.state.get(p, {})
                 native = self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx,
-                                            counters, keys=weight_level, position=position)
-                position += p.numel()
+                                            counters, keys=weight_level)
                 if native:
                     peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
                 else:
@@ -92,7 +89,7 @@ class UpdatePass:
                 else:
                     key = self._keys_(i, out, pruned_before[i])
                     if counters is not None:
-                        count_first_histogram(key, counters, position - p.numel())
+                        count_first_histogram(key, counters)
                 keys.append(key)
             record_peak(peak)
             if not weight_level:
@@ -127,18 +124,22 @@ class UpdatePass:
             return None
         return Counters(torch.get_num_threads()) if native_selection() else None
 
-    def _set_window(self, counters: Counters, k: int, pruned_before: list[bool], ctx: ScoreContext) -> int:
+    def _set_window(self, counters: Counters, k: int, pruned_before: list[bool], ctx: ScoreContext,
+                    gradients_spent: bool) -> int:
         """Score a sample of every weight (a few cache lines each, select.c's pass) and set the window that
-        holds the k-th key (lib/pruning/window.py) on `counters`; returns the bytes held at once while
-        sampling. No window where a weight cannot be scored by select.c (the first pass then counts the
-        histogram as before)."""
+        holds the k-th key (lib/pruning/window.py) on `counters`; returns the bytes the sample held: 0 when
+        a spent gradient holds it (it is dead until this update writes its keys there). No window where a
+        weight cannot be scored by select.c (the first pass then counts the histogram as before)."""
         method, params, n = self.method, self.masks.params, self.masks.numel
-        if not isinstance(method, FunctionMethod) or not window.WINDOW_FROM <= n <= 1 << 32:  # 32-bit positions
+        if not isinstance(method, FunctionMethod) or n < window.WINDOW_FROM:
             return 0
         budget = window.sample_budget(n)
         lines = [window.sample_lines(p.numel(), n, budget) for p in params]
-        sample = torch.empty(sum(runs * length for runs, _, length in lines), dtype=torch.int32)
-        peak = 4 * sample.numel()  # the sampled keys, in one buffer
+        size = sum(runs * length for runs, _, length in lines)
+        room = [g for g in map(_spent_gradient, params) if g is not None and g.numel() >= size] \
+            if gradients_spent else []
+        sample = room[0].view(-1)[:size].view(torch.int32) if room else torch.empty(size, dtype=torch.int32)
+        peak = 0 if room else 4 * size
         start = 0
         for i, (p, (runs, stride, length)) in enumerate(zip(params, lines)):
             arguments = native_arguments(method.fn, self.optimizer.state.get(p, {}), ctx)
@@ -150,16 +151,16 @@ class UpdatePass:
                                runs, stride, length, part, correction):
                 return peak
             start += part.numel()
-        chosen = window.choose_window(sample, n, k, counters.threads)
+        chosen = window.choose_window(sample, n, k)
         if chosen is not None:
             counters.set_window(*chosen)
         return peak
 
     def _native_keys_(self, i: int, p: nn.Parameter, state: dict, out: torch.Tensor, any_pruned: bool,
-                      ctx: ScoreContext, counters: Counters | None, keys: bool = True, position: int = 0) -> bool:
+                      ctx: ScoreContext, counters: Counters | None, keys: bool = True) -> bool:
         """Parameter i's selection keys written into `out` by one C pass (score, key, pruned weights lowest,
-        with `counters` the first histogram or the window's count; `position`: of p's first weight in the pool),
-        for a score select.c has; False, nothing written, otherwise. keys=False: its float scores only (for a
+        with `counters` the first histogram or the window's counts), for a score select.c has; False, nothing
+        written, otherwise. keys=False: its float scores only (for a
         group structure)."""
         method = self.method
         if p.device.type != "cpu" or not isinstance(method, FunctionMethod) or not native_selection():
@@ -169,7 +170,7 @@ class UpdatePass:
             return False
         formula, m, v, correction = arguments
         pruned = self.masks.bits[i] if any_pruned else None
-        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters, keys=keys, position=position)
+        return score_keys(formula, p.detach(), m, v, out, pruned, correction, counters, keys=keys)
 
     def _keys_(self, i: int, scores: torch.Tensor, any_pruned: bool) -> torch.Tensor:
         """Parameter i's float32 scores turned in place into its int32 selection keys.
@@ -202,20 +203,17 @@ class UpdatePass:
     def _store(self, keys: list[torch.Tensor], k: int, first: int, counted: Counters | None = None) -> bool:
         """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ...
 
-        `counted`: counters holding the keys' first histogram already (or the finds of their window).
+        `counted`: counters holding the keys' first histogram already (or their window's counts).
         True if the same pass also zeroed those parameters' pruned weights and states."""
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
-        found = window.window_threshold(counted, k) if k and counted is not None and counted.windowed else None
-        tied = None
-        if found is not None:
-            thr, tied = found
-        else:  # (a window that missed counted no histogram: the histograms are counted over the keys)
-            thr = kth_threshold(keys, k, first_histogram=None if counted is None or counted.windowed else counted) \
-                if k else None
+        windowed = counted is not None and counted.windowed
+        thr = window.window_threshold(counted, keys, k) if k and windowed else None
+        if thr is None and k:  # (a window that missed counted no histogram: the histograms are counted over the keys)
+            thr = kth_threshold(keys, k, first_histogram=None if windowed else counted)
         first_index = sum(p.numel() for p in self.masks.params[:first])
         if thr is not None:  # on the CPU, the usual few tied keys are settled in the keys (the same choice)
-            thr = settle_ties_(keys, thr, first_index, where=tied)
+            thr = settle_ties_(keys, thr, first_index)
         indices = range(first, first + len(keys))
         if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
                                                [self.masks.zero_targets(self.masks.params[i], self.optimizer)
