@@ -6,9 +6,9 @@
  * all in one pass that reads the weight and the optimizer states it needs and writes the key.
  * kprune_histogram: the radix-histogram passes that find the k-th key.
  * kprune_counters_window: instead of the first histogram, count the keys below a window [lo, hi]
- * that a sample says holds the k-th key and the keys inside it; a second pass then counts only the
- * keys inside, each in its own bin of the (otherwise idle) histogram counters, and kprune_window_kth
- * reads the k-th key off those: no histogram increment for the keys outside the window, no memory.
+ * that a sample says holds the k-th key, and each key inside it in its own bin of the histogram's
+ * counters; kprune_window_kth reads the k-th key off those: no increment for the keys outside the
+ * window, no second pass over the keys, no memory.
  * kprune_sample_keys: the keys of a sample of the weights (a few cache lines each), for the window.
  * kprune_find_equal: where the keys equal to the threshold are, when only some of them are selected.
  * kprune_select_store: the pass after them, when every key equal to the threshold is
@@ -62,9 +62,9 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
 typedef struct {
     int threads;
     uint32_t *sub;                  /* threads x COPIES x STRIDE */
-    /* Window mode (kprune_counters_window): a first pass counts per thread the keys below lo and those
-     * in [lo, hi]; the second (kprune_histogram's low_pass 3) counts each key in [lo, hi] in bin
-     * (key - lo) >> shift of the thread's counters, taken as one flat array of WINDOW_BINS. */
+    /* Window mode (kprune_counters_window): the first pass counts per thread the keys below lo, and each
+     * key in [lo, hi] in bin (key - lo) >> shift of the thread's counters (one flat array of WINDOW_BINS);
+     * where bins are wider than one value, kprune_histogram's low_pass 3 counts again inside the k-th's. */
     int window, shift;
     int32_t lo, hi;
     int64_t inside[MAX_THREADS], below[MAX_THREADS];
@@ -135,11 +135,12 @@ int64_t kprune_counters_window_counts(void *handle, int64_t *inside)
     return below;
 }
 
-/* After a second pass in window mode: the k-th lowest (1-based) of the keys counted. Returns 0 with out[0] the
- * key, out[1] how many counted keys lie below it and out[2] how many equal it; or, where bins are 2^shift
- * key values wide, 1 with the window narrowed to the k-th key's bin (one value a bin: count again) and out[1]
- * the keys below that bin; -1 if fewer than k keys were counted. The counters start again from zero; window
- * mode ends unless the window was narrowed. */
+/* After the first pass in window mode (or a narrowing pass): the k-th lowest (1-based) of the keys counted
+ * in the window. Returns 0 with out[0] the key, out[1] how many counted keys lie below it and out[2] how
+ * many equal it; or, where bins are 2^shift key values wide, 1 with the window narrowed to the k-th key's
+ * bin (one value a bin: count again, kprune_histogram's low_pass 3) and out[1] the keys below that bin; -1
+ * if fewer than k keys were counted. The counters start again from zero; window mode ends unless the
+ * window was narrowed. */
 int kprune_window_kth(void *handle, int64_t k, int64_t *out)
 {
     counters *c = handle;
@@ -220,18 +221,47 @@ static inline void count_high(uint32_t *restrict s, const int32_t *restrict k, i
     s[ZEROS] += zeros;
 }
 
-/* Window mode's first pass over keys [begin, end) of thread t: the keys below lo and those in [lo, hi]
- * counted (vector compares, no histogram). */
+/* Window mode's first pass over keys [begin, end) of thread t: the keys below lo counted (vector compares),
+ * and each key in [lo, hi] counted in bin (key - lo) >> shift of the thread's counters. Few keys lie in the
+ * window: GROUP keys are tested at once and only a group holding one of them is looked at key by key. */
 #define GROUP 32                    /* keys tested at once in the filtered passes (two 64-byte vectors of keys) */
+
+/* The keys of a group that lie in the window, counted in their bins; how many there were. */
+static __attribute__((noinline)) int64_t count_group(uint32_t *restrict s, const int32_t *restrict k, uint32_t ulo,
+                                                     uint32_t span, int shift)
+{
+    int64_t inside = 0;
+    for (int j = 0; j < GROUP; j++)
+        if ((uint32_t)k[j] - ulo <= span) {
+            s[((uint32_t)k[j] - ulo) >> shift]++;
+            inside++;
+        }
+    return inside;
+}
 
 static void window_counts(counters *c, int t, const int32_t *restrict k, int64_t begin, int64_t end)
 {
     const int32_t lo = c->lo;
-    const uint32_t ulo = (uint32_t)lo, span = (uint32_t)c->hi - (uint32_t)lo;
-    int64_t below = 0, inside = 0;
-    for (int64_t i = begin; i < end; i++) {
+    const uint32_t ulo = (uint32_t)lo, span = (uint32_t)c->hi - ulo;
+    const int shift = c->shift;
+    uint32_t *restrict s = c->sub + (int64_t)t * COPIES * STRIDE;
+    int64_t below = 0, inside = 0, i = begin;
+    for (; i + GROUP <= end; i += GROUP) {
+        int32_t below_group = 0, any = 0;
+        for (int j = 0; j < GROUP; j++) {
+            below_group += k[i + j] < lo;
+            any |= (uint32_t)k[i + j] - ulo <= span;
+        }
+        below += below_group;
+        if (any)
+            inside += count_group(s, k + i, ulo, span, shift);
+    }
+    for (; i < end; i++) {
         below += k[i] < lo;
-        inside += (uint32_t)k[i] - ulo <= span;
+        if ((uint32_t)k[i] - ulo <= span) {
+            s[((uint32_t)k[i] - ulo) >> shift]++;
+            inside++;
+        }
     }
     c->below[t] += below;
     c->inside[t] += inside;
@@ -261,8 +291,8 @@ static void *count(void *arg)
         return NULL;
     }
     if (w->low_pass == 3) {
-        /* Window mode's second pass: each key in [lo, hi] counted in bin key - lo; few are, so a group of
-         * keys with none of them is skipped after one vectorised test. */
+        /* Window mode's narrowing pass: each key in [lo, hi] counted in bin key - lo; few are, so a group
+         * of keys with none of them is skipped after one vectorised test. */
         const uint32_t ulo = (uint32_t)w->c->lo, span = (uint32_t)w->c->hi - ulo;
         const int shift = w->c->shift;
         int64_t i = w->begin;
@@ -311,7 +341,7 @@ static void *count(void *arg)
 }
 
 /* low_pass 0: pass 1 (in window mode: the window's counts); 1, 2: pass 2 of the keys whose top 16 bits are
- * `high`; 3: window mode's second pass (and third, after kprune_window_kth narrowed the window). */
+ * `high`; 3: window mode's count inside the bin kprune_window_kth narrowed the window to. */
 void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads)
 {
     counters *c = handle;

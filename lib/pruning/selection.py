@@ -124,18 +124,17 @@ class Counters:
         return below, inside.value
 
     def window_kth(self, keys: list[torch.Tensor], k: int) -> Threshold | None:
-        """The k-th lowest of the keys inside the window, as a Threshold within it, from a second pass over
-        `keys` that counts only those (a third, inside the k-th key's bin, where the window spans more key
-        values than the counters have bins); None if it holds fewer. Ends window mode."""
+        """The k-th lowest of the keys inside the window (counted by the first pass), as a Threshold within it;
+        where the window spanned more key values than the counters have bins, after one more pass over `keys`
+        inside the k-th key's bin. None if the window holds fewer. Ends window mode."""
         threads = torch.get_num_threads()
         out = (ctypes.c_int64 * 3)()
-        status = 1
-        while status == 1:
+        status = self.lib.kprune_window_kth(self.handle, k, out)
+        if status == 1:  # narrowed to the k-th key's bin: count the keys inside it, one value a bin
+            k -= out[1]
             for t in keys:
                 self.lib.kprune_histogram(t.data_ptr(), t.numel(), 3, 0, self.handle, threads)
             status = self.lib.kprune_window_kth(self.handle, k, out)
-            if status == 1:
-                k -= out[1]  # the keys below the k-th key's bin; the window is that bin now
         self.windowed = False
         if status != 0:
             return None
