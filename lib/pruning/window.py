@@ -4,13 +4,13 @@ The exact k-th key of n keys takes two 65,536-bin histogram passes over every
 key. The first histogram's increments cost about as much as scoring the
 weights. A sample of the keys tells, before they are written, a narrow window
 [lo, hi] that holds the k-th key unless the sample was very unlucky: then the
-pass that writes the keys only counts the keys below lo and those inside
-(vector compares), and a second pass counts only the keys inside, each in its
-own bin of the histogram counters, which are otherwise idle: the k-th key is
-read off those. No memory is added: the sample's keys are written into a spent
-gradient (dead until the update writes its keys there), the bins are the
-histogram's own. The result is exact whatever the sample: when the window
-misses the k-th key (or spans too many key values for the counters), the
+pass that writes the keys counts the keys below lo (vector compares) and each
+of the few inside in its own bin of the histogram's counters (otherwise idle
+in window mode), and the k-th key is read off those bins, with no second pass
+over the keys (one narrowing pass where the window spans more key values than
+the counters have bins). No memory is added: the sample's keys are written
+into a spent gradient (dead until the update writes its keys there). The
+result is exact whatever the sample: when the window misses the k-th key, the
 selection counts the histograms over the written keys instead (slower, same
 answer).
 
@@ -59,19 +59,23 @@ def choose_window(sample: torch.Tensor, n: int, k: int) -> tuple[int, int] | Non
     spread = WINDOW_SIGMAS * math.sqrt(q * (1 - q) * s) + 1
     a, b = math.floor(q * s - spread), math.ceil(q * s + spread)
     # The sampled keys below lo and up to hi, from the two order statistics (no temporaries of the sample's size).
-    below_lo, lo = (a - t.ties, t.key) if a >= 1 and (t := kth_threshold([sample], a)).key > INT32_MIN else (0, None)
-    upto_hi, hi = (b - t.ties + t.equal, t.key) if b <= s and (t := kth_threshold([sample], b)) else (s, 2 ** 31 - 1)
-    if lo is None:  # pruned weights (the lowest key) are counted below the window
-        lo, below_lo = INT32_MIN + 1, int((sample == INT32_MIN).sum()) if a >= 1 else 0
+    lo, below_lo = INT32_MIN + 1, 0  # pruned weights (the lowest key) are counted below the window, never inside
+    if a >= 1:
+        t = kth_threshold([sample], a)
+        lo, below_lo = (t.key, a - t.ties) if t.key > INT32_MIN else (INT32_MIN + 1, t.equal)
+    hi, upto_hi = 2 ** 31 - 1, s
+    if b <= s:
+        t = kth_threshold([sample], b)
+        hi, upto_hi = t.key, b - t.ties + t.equal
     if hi < lo or n * (upto_hi - below_lo) / s > n * WINDOW_AT_MOST:
         return None
     return lo, hi
 
 
 def window_threshold(counters: Counters, keys: list[torch.Tensor], k: int) -> Threshold | None:
-    """After a first pass in window mode over `keys`: the exact threshold of the k lowest keys (a second pass
-    counts the keys inside the window); None if the window does not hold the k-th key (the caller counts
-    the histograms instead)."""
+    """After a first pass in window mode over `keys`: the exact threshold of the k lowest keys, read off the
+    window's bins (`keys` are read again only where the window was wider than the bins); None if the window
+    does not hold the k-th key (the caller counts the histograms instead)."""
     below, inside = counters.window_counts()
     if not below < k <= below + inside:
         counters.windowed = False
