@@ -10,11 +10,11 @@
  * counters; kprune_window_kth reads the k-th key off those: no increment for the keys outside the
  * window, no second pass over the keys, no memory.
  * kprune_sample_keys: the keys of a sample of the weights (a few cache lines each), for the window.
- * kprune_find_equal: where the keys equal to the threshold are, when only some of them are selected.
- * kprune_select_store: the pass after them, when every key equal to the threshold is
- * selected: the mask bits (key <= threshold, 8 to a byte, least significant bit first)
- * and the zeroing of each selected weight (and of its optimizer states, where the optimizer's
- * step does not take them as 0 itself), in one pass.
+ * kprune_select_store: the pass after them: the mask bits (key <= threshold, 8 to a byte, least
+ * significant bit first) and the zeroing of each selected weight (and of its optimizer states,
+ * where the optimizer's step does not take them as 0 itself), in one pass; when only some of the
+ * keys equal to the threshold are selected, it selects those below it and hands back where the
+ * equal ones are (the caller picks and sets its share).
  * kprune_nm_cap: the N:M structure's cap on the keys.
  *
  * Keys are int32. Pass 1 counts every key by its top 16 bits (bin = (key >> 16) + 32768);
@@ -469,40 +469,15 @@ int kprune_sample_keys(int formula, const float *w, const float *m, const float 
     return 0;
 }
 
-/* kprune_find_equal: the positions (offset + i) of the keys equal to `key`, in order, into
- * out[0..max); returns how many there are (also those beyond max). One pass, GROUP keys tested at
- * once: there are few. */
-int64_t kprune_find_equal(const int32_t *keys, int64_t n, int32_t key, int64_t offset, int64_t *out, int64_t max)
-{
-    int64_t found = 0, i = 0;
-    for (; i + GROUP <= n; i += GROUP) {
-        int hit = 0;
-        for (int j = 0; j < GROUP; j++)
-            hit |= keys[i + j] == key;
-        if (hit)
-            for (int j = 0; j < GROUP; j++)
-                if (keys[i + j] == key) {
-                    if (found < max)
-                        out[found] = offset + i + j;
-                    found++;
-                }
-    }
-    for (; i < n; i++)
-        if (keys[i] == key) {
-            if (found < max)
-                out[found] = offset + i;
-            found++;
-        }
-    return found;
-}
-
 typedef struct {
     const int32_t *keys;
     int64_t n, begin, end;          /* element range, begin a multiple of 8 */
-    int32_t threshold;
+    int32_t threshold;              /* selected: key <= threshold */
     uint8_t *bits;
     float *const *targets;          /* the weight and its optimizer states, zeroed where selected */
     int ntargets;
+    int32_t tie;                    /* with tied != NULL: the positions of the keys equal to it, offset + i, */
+    int64_t offset, *tied, tied_max, *tied_count;  /* go to tied (a shared count, room for tied_max) */
 } select_work;
 
 #define BLOCK 4096                  /* elements per block: its keys stay in L1 for the zeroing loops */
@@ -511,7 +486,7 @@ static void *select_store(void *arg)
 {
     const select_work *w = arg;
     const int32_t *restrict k = w->keys;
-    const int32_t thr = w->threshold;
+    const int32_t thr = w->threshold, tie = w->tie;
     for (int64_t b0 = w->begin; b0 < w->end; b0 += BLOCK) {
         int64_t b1 = b0 + BLOCK < w->end ? b0 + BLOCK : w->end;
         for (int64_t i = b0; i < b1; i += 8) {
@@ -525,12 +500,38 @@ static void *select_store(void *arg)
             for (int64_t i = b0; i < b1; i++)
                 x[i] = k[i] <= thr ? 0.0f : x[i];
         }
+        if (w->tied == NULL)
+            continue;
+        /* The keys equal to the tie, from the block's keys while they are in L1: few, so a group of keys
+         * without one is skipped after one vectorised test (kprune_find_equal's loop, without its pass). */
+        int64_t i = b0;
+        for (; i + GROUP <= b1; i += GROUP) {
+            int hit = 0;
+            for (int j = 0; j < GROUP; j++)
+                hit |= k[i + j] == tie;
+            if (hit)
+                for (int j = 0; j < GROUP; j++)
+                    if (k[i + j] == tie) {
+                        int64_t slot = __atomic_fetch_add(w->tied_count, 1, __ATOMIC_RELAXED);
+                        if (slot < w->tied_max)
+                            w->tied[slot] = w->offset + i + j;
+                    }
+        }
+        for (; i < b1; i++)
+            if (k[i] == tie) {
+                int64_t slot = __atomic_fetch_add(w->tied_count, 1, __ATOMIC_RELAXED);
+                if (slot < w->tied_max)
+                    w->tied[slot] = w->offset + i;
+            }
     }
     return NULL;
 }
 
+/* tied: NULL, or room for tied_max positions of keys equal to `tie` (written as offset + i, in no particular
+ * order; *tied_count counts them, also those beyond tied_max) */
 int kprune_select_store(const int32_t *keys, int64_t n, int32_t threshold, uint8_t *bits, float *const *targets,
-                        int ntargets, int threads)
+                        int ntargets, int threads, int32_t tie, int64_t offset, int64_t *tied, int64_t tied_max,
+                        int64_t *tied_count)
 {
     if (threads > MAX_THREADS)
         threads = MAX_THREADS;
@@ -541,7 +542,8 @@ int kprune_select_store(const int32_t *keys, int64_t n, int32_t threshold, uint8
     per = (per + 63) / 64 * 64;     /* whole bytes of bits and whole cache lines per thread */
     for (int i = 0; i < threads; i++) {
         int64_t begin = per * i < n ? per * i : n, end = per * (i + 1) < n ? per * (i + 1) : n;
-        work[i] = (select_work){keys, n, begin, end, threshold, bits, targets, ntargets};
+        work[i] = (select_work){keys, n, begin, end, threshold, bits, targets, ntargets, tie, offset, tied, tied_max,
+                                tied_count};
     }
     run_parallel(select_store, work, sizeof work[0], threads);
     return 0;

@@ -178,8 +178,7 @@ def _native() -> ctypes.CDLL | None:
             "kprune_counters_window_counts": ([ptr, ptr], i64),
             "kprune_window_kth": ([ptr, i64, ptr], cint),
             "kprune_sample_keys": ([cint, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr], cint),
-            "kprune_find_equal": ([ptr, i64, i32, i64, ptr, i64], i64),
-            "kprune_select_store": ([ptr, i64, i32, ptr, ptr, cint, cint], cint),
+            "kprune_select_store": ([ptr, i64, i32, ptr, ptr, cint, cint, i32, i64, ptr, i64, ptr], cint),
             "kprune_nm_cap": ([ptr, i64, cint, i64, cint, cint], None),
         }
         for name, (args, result) in signatures.items():
@@ -257,61 +256,63 @@ def count_first_histogram(key: torch.Tensor, counters: Counters) -> None:
     _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads())
 
 
-TIES_SETTLED_AT_MOST = 1 << 20  # tied keys settle_ties_ takes on (8 MiB of positions); beyond, iter_selection
-
-
-def settle_ties_(keys: list[torch.Tensor], thr: Threshold, first_index: int = 0) -> Threshold:
-    """Break the threshold's tie in the keys themselves, so that every key equal to it is selected.
-
-    Of the keys equal to thr.key, those iter_selection would not take (all but the thr.ties whose
-    global indices hash lowest) are raised to thr.key + 1, a key above the threshold: then
-    selecting `key <= threshold` (store_selection's one pass) selects what iter_selection would.
-    Where the keys are on the CPU and there are at most TIES_SETTLED_AT_MOST tied keys (one C pass
-    finds them); otherwise `thr` is returned unchanged. The keys are the update's scratch scores.
-    """
-    lib = _native()
-    if thr.ties == thr.equal or thr.equal > TIES_SETTLED_AT_MOST or thr.key == 2 ** 31 - 1 or lib is None \
-            or not all(_native_ready(k) for k in keys):
-        return thr
-    total = first_index + sum(k.numel() for k in keys)
-    if total > 1 << 32:
-        return thr  # iter_selection says why no more weights can be pruned as one pool
-    where = torch.empty(thr.equal, dtype=torch.int64)
-    found, offset = 0, first_index
-    for k in keys:
-        found += lib.kprune_find_equal(k.data_ptr(), k.numel(), thr.key, offset, where[found:].data_ptr(),
-                                       thr.equal - found)
-        offset += k.numel()
-    assert found == thr.equal, "selection bug: the tied keys were miscounted"
-    hashes = tie_hash(where)
-    left = where[hashes > torch.sort(hashes).values[thr.ties - 1]]  # the tied keys iter_selection leaves
-    offset = first_index
-    for k in keys:
-        local = left[(left >= offset) & (left < offset + k.numel())] - offset
-        k.index_fill_(0, local, thr.key + 1)
-        offset += k.numel()
-    return Threshold(key=thr.key, ties=thr.ties, equal=thr.ties)
+TIES_SETTLED_AT_MOST = 1 << 20  # tied keys store_selection takes on (8 MiB of positions); beyond, iter_selection
 
 
 def store_selection(keys: list[torch.Tensor], thr: Threshold, bits: list[torch.Tensor],
-                    targets: list[list[torch.Tensor]]) -> bool:
+                    targets: list[list[torch.Tensor]], first_index: int = 0) -> bool:
     """In one C pass per tensor: bits[j] = which keys[j] are selected (packed, as MaskSet keeps them), and
-    every tensor of targets[j] zeroed where they are. Only when no tie is to be broken (every key equal
-    to the threshold is selected: the usual case) and everything is on the CPU; otherwise False, and
-    nothing was written."""
+    every tensor of targets[j] zeroed where they are. Where only some of the keys equal to the threshold are
+    selected, the pass selects those below it and finds where the equal ones are (from the keys it reads
+    anyway); then the thr.ties whose global indices (`first_index` for keys[0][0]) hash lowest, those
+    iter_selection takes, are set and zeroed. False, nothing written, where it cannot serve: not on the CPU,
+    more than TIES_SETTLED_AT_MOST tied keys, a tie among pruned weights' keys or in a pool of more than
+    2**32 weights (iter_selection then runs, or says why)."""
     lib = _native()
-    if lib is None or thr.ties != thr.equal or not all(_native_ready(k) for k in keys):
+    if lib is None or not all(_native_ready(k) for k in keys):
         return False
     if not all(b.device.type == "cpu" and b.dtype == torch.uint8 and b.is_contiguous() for b in bits):
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                for group in targets for t in group):
         return False
-    threads = torch.get_num_threads()
+    partial = thr.ties != thr.equal
+    if partial and (thr.equal > TIES_SETTLED_AT_MOST or thr.key == INT32_MIN
+                    or first_index + sum(k.numel() for k in keys) > 1 << 32):
+        return False
+    tied = torch.empty(thr.equal if partial else 0, dtype=torch.int64)
+    count = ctypes.c_int64(0)
+    threads, offset = torch.get_num_threads(), first_index
     for key, b, group in zip(keys, bits, targets):
         pointers = (ctypes.c_void_p * len(group))(*[t.data_ptr() for t in group])
-        lib.kprune_select_store(key.data_ptr(), key.numel(), thr.key, b.data_ptr(), pointers, len(group), threads)
+        lib.kprune_select_store(key.data_ptr(), key.numel(), thr.key - 1 if partial else thr.key, b.data_ptr(),
+                                pointers, len(group), threads, thr.key, offset,
+                                tied.data_ptr() if partial else None, tied.numel(), ctypes.byref(count))
+        offset += key.numel()
+    if partial:
+        assert count.value == thr.equal, "selection bug: the tied keys were miscounted"
+        _take_tied(tied, thr.ties, first_index, keys, bits, targets)
     return True
+
+
+def _take_tied(tied: torch.Tensor, ties: int, first_index: int, keys: list[torch.Tensor],
+               bits: list[torch.Tensor], targets: list[list[torch.Tensor]]) -> None:
+    """Select the `ties` of the tied keys at global indices `tied` whose indices hash lowest (iter_selection's
+    choice): set their bits and zero their targets."""
+    hashes = tie_hash(tied)
+    chosen = tied[hashes <= torch.sort(hashes).values[ties - 1]]
+    offset = first_index
+    for key, b, group in zip(keys, bits, targets):
+        local = chosen[(chosen >= offset) & (chosen < offset + key.numel())] - offset
+        offset += key.numel()
+        if not local.numel():
+            continue
+        byte, bit = local >> 3, (torch.ones_like(local) << (local & 7))
+        touched, where = torch.unique(byte, return_inverse=True)
+        # a byte's chosen bits are distinct: their sum is their OR
+        b[touched] |= torch.zeros(touched.numel(), dtype=torch.int64).scatter_add_(0, where, bit).to(torch.uint8)
+        for t in group:
+            t.view(-1)[local] = 0.0
 
 
 def nm_cap_native(key: torch.Tensor, rows_groups: int, m: int, rest: int, n: int) -> bool:

@@ -21,7 +21,7 @@ from lib.pruning.methods import FunctionMethod, Method
 from lib.pruning.scores import ScoreContext, native_arguments, score_chunk_numel
 from lib.pruning.selection import (INT32_MIN, SMALL_SELECTION, Counters, count_first_histogram, floats_to_keys_,
                                    iter_selection, kth_threshold, native_selection, sample_keys, score_keys,
-                                   settle_ties_, store_selection)
+                                   store_selection)
 from lib.pruning.scope import Counts, row_select, select_groups
 from lib.pruning.structure import Structure
 from lib.pruning import window
@@ -212,13 +212,11 @@ class UpdatePass:
         if thr is None and k:  # (a window that missed counted no histogram: the histograms are counted over the keys)
             thr = kth_threshold(keys, k, first_histogram=None if windowed else counted)
         first_index = sum(p.numel() for p in self.masks.params[:first])
-        if thr is not None:  # on the CPU, the usual few tied keys are settled in the keys (the same choice)
-            thr = settle_ties_(keys, thr, first_index)
         indices = range(first, first + len(keys))
         if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],
                                                [self.masks.zero_targets(self.masks.params[i], self.optimizer)
-                                                for i in indices]):
-            return True  # bits and zeroing in one pass (CPU, no tie to break)
+                                                for i in indices], first_index):
+            return True  # bits and zeroing in one pass (CPU; the usual few tied keys taken after it, the same choice)
         for j in range(len(keys)):
             self.masks.bits[first + j].zero_()
         if thr is not None:

@@ -345,9 +345,14 @@ def test_pruner_update_matches_brute_force(score):
     assert not (got & ~got2).any()
 
 
+def _unpacked(bits: torch.Tensor, n: int) -> torch.Tensor:
+    return ((bits.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)[:n].bool()
+
+
 @pytest.mark.parametrize("first_index", [0, 12_345])
-def test_ties_settled_in_the_keys_select_what_iter_selection_selects(first_index):
-    # Keys from a small range: every threshold has many tied keys, of which only some are taken.
+def test_the_store_takes_a_tie_at_the_threshold_as_iter_selection_takes_it(first_index):
+    # Keys from a small range: every threshold has many tied keys, of which only some are taken. The C store
+    # selects the keys below the threshold, finds the tied ones in the same pass and takes the same share.
     g = torch.Generator().manual_seed(3)
     sizes = [300_001, 77, 190_000]
     for k in (1, 5_000, 250_000, 489_000):
@@ -356,18 +361,23 @@ def test_ties_settled_in_the_keys_select_what_iter_selection_selects(first_index
         assert thr.ties < thr.equal  # a tie to break
         expected = torch.cat([torch.cat([c for j, _, c in selection.iter_selection(keys, thr, first_index=first_index)
                                          if j == i]) for i in range(len(keys))])
-        settled_keys = [t.clone() for t in keys]
-        settled = selection.settle_ties_(settled_keys, thr, first_index)
-        assert settled.ties == settled.equal == thr.ties and settled.key == thr.key
-        assert torch.equal(torch.cat(settled_keys) <= thr.key, expected)
-        assert int(expected.sum()) == k
+        bits = [torch.full(((n + 7) // 8,), 0xA5, dtype=torch.uint8) for n in sizes]  # old bits: overwritten
+        targets = [[torch.ones(n), torch.full((n,), 2.0)] for n in sizes]
+        assert selection.store_selection(keys, thr, bits, targets, first_index)
+        got = torch.cat([_unpacked(b, n) for b, n in zip(bits, sizes)])
+        assert torch.equal(got, expected) and int(got.sum()) == k
+        for t in range(2):
+            zeroed = torch.cat([group[t] == 0 for group in targets])
+            assert torch.equal(zeroed, expected)
 
 
 def test_too_many_tied_keys_are_left_to_iter_selection(monkeypatch):
     monkeypatch.setattr(selection, "TIES_SETTLED_AT_MOST", 10)
     keys = [torch.zeros(1000, dtype=torch.int32)]
     thr = selection.kth_threshold(keys, 500)
-    assert selection.settle_ties_(keys, thr) == thr and bool((keys[0] == 0).all())
+    bits, target = [torch.zeros(125, dtype=torch.uint8)], torch.ones(1000)
+    assert not selection.store_selection(keys, thr, bits, [[target]])
+    assert bool((bits[0] == 0).all()) and bool((target == 1).all())  # nothing written
 
 
 @pytest.mark.parametrize("others_in_the_zero_bin", [False, True])
