@@ -116,7 +116,8 @@ void kprune_counters_window(void *handle, int32_t lo, int32_t hi)
     c->lo = lo;
     c->hi = hi;
     c->shift = 0;
-    while ((((uint64_t)(uint32_t)hi - (uint32_t)lo) >> c->shift) >= (uint64_t)WINDOW_BINS)
+    const uint32_t span = (uint32_t)hi - (uint32_t)lo;  /* hi - lo, in 32 bits (keys may be negative) */
+    while ((span >> c->shift) >= (uint64_t)WINDOW_BINS)
         c->shift++;
     memset(c->inside, 0, sizeof c->inside);
     memset(c->below, 0, sizeof c->below);
@@ -144,7 +145,7 @@ int64_t kprune_counters_window_counts(void *handle, int64_t *inside)
 int kprune_window_kth(void *handle, int64_t k, int64_t *out)
 {
     counters *c = handle;
-    int64_t bins = (int64_t)((((uint64_t)(uint32_t)c->hi - (uint32_t)c->lo) >> c->shift) + 1), cum = 0, hit = -1;
+    int64_t bins = (int64_t)((((uint32_t)c->hi - (uint32_t)c->lo) >> c->shift) + 1), cum = 0, hit = -1;
     for (int64_t b = 0; b < bins && hit < 0; b++) {
         int64_t count = 0;
         for (int t = 0; t < c->threads; t++)

@@ -124,6 +124,20 @@ def test_a_window_wider_than_the_counters_is_counted_in_bins_then_inside_the_kth
     assert all(torch.equal(a, b) for a, b in zip(windowed, histograms))
 
 
+@pytest.mark.parametrize("variant", ["bitter5", "bitter7"])
+def test_a_window_across_zero_is_exact(variant, monkeypatch):
+    # Signed scores (bitter5) give negative keys: a window from a negative lo to a positive hi spans less than
+    # 2**32 key values, counted in 32 bits; widened across zero here for both signs of score.
+    real = window.choose_window
+    monkeypatch.setattr(window, "choose_window", lambda sample, n, k: (lambda lo, hi: (min(lo, 0) - (1 << 20), max(
+        hi, 0) + (1 << 20)))(*real(sample, n, k)))
+    found = _spy_window(monkeypatch)
+    windowed = _state(*_run(variant, True, monkeypatch))
+    assert len(found) == 2 and all(f is not None for f in found)
+    histograms = _state(*_run(variant, False, monkeypatch))
+    assert all(torch.equal(a, b) for a, b in zip(windowed, histograms))
+
+
 def test_window_bounds_come_from_the_sample_and_a_mass_of_equal_keys_gets_none():
     torch.manual_seed(0)
     sample = torch.randint(-2 ** 30, 2 ** 30, (1 << 16,), dtype=torch.int32)
