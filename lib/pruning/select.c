@@ -302,9 +302,7 @@ static void *count(void *arg)
             for (int j = 0; j < GROUP; j++)
                 inside |= (uint32_t)k[i + j] - ulo <= span;
             if (inside)
-                for (int j = 0; j < GROUP; j++)
-                    if ((uint32_t)k[i + j] - ulo <= span)
-                        s[((uint32_t)k[i + j] - ulo) >> shift]++;
+                count_group(s, k + i, ulo, span, shift);
         }
         for (; i < w->end; i++)
             if ((uint32_t)k[i] - ulo <= span)
