@@ -41,6 +41,7 @@ import math
 import torch
 
 from lib import fused_adam
+from lib.pruning.masks import unpack_bits
 
 PIECE = 1 << 22  # elements per float64 piece of the torch sum: bounds its temporaries (32 MB)
 
@@ -54,12 +55,10 @@ def _torch_sumsq(w: torch.Tensor, g: torch.Tensor, mask: bool, pruned: torch.Ten
     """The C pass's sum on any device and dtype, as torch operations: float64, 0-d, on g's device."""
     w, g = w.reshape(-1), g.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=g.device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=g.device)
     for start in range(0, g.numel(), PIECE):  # PIECE is a multiple of 8: a piece starts at a byte of bits
         x = g[start:start + PIECE].double()
         if mask and pruned is not None:
-            bits = pruned[start // 8:(start + x.numel() + 7) // 8]
-            x.masked_fill_(((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:x.numel()].bool(), 0.0)
+            x.masked_fill_(unpack_bits(pruned[start // 8:(start + x.numel() + 7) // 8], x.numel()), 0.0)
         elif mask:
             x.masked_fill_(w[start:start + PIECE] == 0, 0.0)
         total += torch.dot(x, x)

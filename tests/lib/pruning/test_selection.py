@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lib.pruning import selection
+from lib.pruning.masks import unpack_bits
 from lib.pruning.methods import SPT, Observation, build_method
 from lib.pruning.pruner import Pruner, target_count
 from lib.pruning.schedules import Schedule
@@ -345,10 +346,6 @@ def test_pruner_update_matches_brute_force(score):
     assert not (got & ~got2).any()
 
 
-def _unpacked(bits: torch.Tensor, n: int) -> torch.Tensor:
-    return ((bits.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)[:n].bool()
-
-
 @pytest.mark.parametrize("first_index", [0, 12_345])
 def test_the_store_takes_a_tie_at_the_threshold_as_iter_selection_takes_it(first_index):
     # Keys from a small range: every threshold has many tied keys, of which only some are taken. The C store
@@ -364,7 +361,7 @@ def test_the_store_takes_a_tie_at_the_threshold_as_iter_selection_takes_it(first
         bits = [torch.full(((n + 7) // 8,), 0xA5, dtype=torch.uint8) for n in sizes]  # old bits: overwritten
         targets = [[torch.ones(n), torch.full((n,), 2.0)] for n in sizes]
         assert selection.store_selection(keys, thr, bits, targets, first_index)
-        got = torch.cat([_unpacked(b, n) for b, n in zip(bits, sizes)])
+        got = torch.cat([unpack_bits(b, n) for b, n in zip(bits, sizes)])
         assert torch.equal(got, expected) and int(got.sum()) == k
         for t in range(2):
             zeroed = torch.cat([group[t] == 0 for group in targets])
