@@ -136,6 +136,19 @@ def _best(fn, repeats: int = REPEATS) -> float:
     return best
 
 
+def restorer(params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
+    """A function that puts the weights and their optimizer states (those of their shape) back as they are now."""
+    saved = [(p.detach().clone(), {name: t.clone() for name, t in optimizer.state[p].items()
+                                   if torch.is_tensor(t) and t.shape == p.shape}) for p in params]
+
+    def restore() -> None:
+        for p, (w, state) in zip(params, saved):
+            p.data.copy_(w)
+            for name, t in state.items():
+                optimizer.state[p][name].copy_(t)
+    return restore
+
+
 def main() -> int:
     scale = knob("BENCH_SCALE", 1.0, minimum=0.02)  # below 0.02 the widths round to zero
     threads = knob("BENCH_THREADS", 2, minimum=1)
@@ -171,14 +184,7 @@ def main() -> int:
     gradients = [p.grad.clone() for p in params]
     # Every timed update starts from this trained state: an update zeroes the weights and moments it prunes,
     # and an update over those zeros would find its k-th key in the mass of exact zeros (a trivial case).
-    trained = [(p.detach().clone(), {name: t.clone() for name, t in optimizer.state[p].items()
-                                     if torch.is_tensor(t) and t.shape == p.shape}) for p in params]
-
-    def restore() -> None:
-        for p, (w, state) in zip(params, trained):
-            p.data.copy_(w)
-            for name, t in state.items():
-                optimizer.state[p][name].copy_(t)
+    restore = restorer(params, optimizer)
 
     def backward() -> None:
         """What the next backward pass does: every weight gets a gradient again."""

@@ -41,7 +41,7 @@ from torch import nn
 
 from bench.knobs import knob
 from bench.output import emit
-from bench.pruning import layer_shapes
+from bench.pruning import layer_shapes, restorer
 from lib.optim import OPTIMIZERS
 from lib.pruning import selection
 from lib.pruning import scores as scores_module
@@ -89,8 +89,7 @@ def main() -> int:
         return run
     window_threshold = window.window_threshold
     window.window_threshold = counted(window_threshold, "windows", lambda found: found is not None)
-    trained = [(p.detach().clone(), optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["exp_avg_sq"].clone())
-               for p in params]
+    restore = restorer(params, optimizer)  # each update from the trained state: the last one zeroed half of it
 
     def switch(name: str) -> None:
         c_select, c_store, chunk, scoring, sampling, pruner.fused_masking = variants[name]
@@ -102,10 +101,7 @@ def main() -> int:
         switch(name)
         paths.update(c_scores=0, windows=0, c_stores=0)
         pruner.clear()
-        for p, (w, m, v) in zip(params, trained):  # from the trained state: the last update zeroed half of it
-            p.data.copy_(w)
-            optimizer.state[p]["exp_avg"].copy_(m)
-            optimizer.state[p]["exp_avg_sq"].copy_(v)
+        restore()
         for p, g in zip(params, gradients):
             if p.grad is None:
                 p.grad = g.clone()
