@@ -193,6 +193,12 @@ NATIVE_FORMULAS = {name: i for i, name in enumerate(
     ["magnitude", "bitter0", "bitter3", "bitter5", "bitter6", "bitter7", "bitter8", "bitter9"])}
 
 
+def _scorable(w: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether select.c's score passes read these: CPU, float32, contiguous, all of w's shape (None: absent)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
+               for t in (w, *others) if t is not None)
+
+
 def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None, out: torch.Tensor,
                pruned_bits: torch.Tensor | None, correction: float = 1.0, counters: Counters | None = None,
                keys: bool = True) -> bool:
@@ -210,10 +216,7 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     no C compiler, a formula it does not have): the caller scores with torch then.
     """
     lib = _native()
-    tensors = [t for t in (w, m, v, out) if t is not None]
-    if lib is None or formula not in NATIVE_FORMULAS or not all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
-            for t in tensors):
+    if lib is None or formula not in NATIVE_FORMULAS or not _scorable(w, m, v, out):
         return False
     if pruned_bits is not None and not (pruned_bits.device.type == "cpu" and pruned_bits.dtype == torch.uint8
                                         and pruned_bits.is_contiguous()):
@@ -235,9 +238,8 @@ def sample_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.
     of `length` consecutive weights of w, the r-th from r * stride; False, writing nothing, where
     score_keys could not serve."""
     lib = _native()
-    if lib is None or formula not in NATIVE_FORMULAS or runs * stride > w.numel() or stride < length or not all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
-            for t in (w, m, v) if t is not None):
+    if lib is None or formula not in NATIVE_FORMULAS or runs * stride > w.numel() or stride < length \
+            or not _scorable(w, m, v):
         return False
     assert out.dtype == torch.int32 and out.is_contiguous() and out.numel() == runs * length
     ptr = [None if t is None else t.data_ptr() for t in (w, m, v, pruned_bits)]
