@@ -22,6 +22,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 typedef struct {
     float *w, *g, *m, *v, *vmax;   /* vmax: NULL without AMSGrad */
@@ -231,9 +234,14 @@ static double block_sumsq_masked(const float *w, const float *g, int64_t lo, int
     return block_sumsq(w, g, lo, hi, 1);
 }
 
-/* The same sum over the entries whose bit in `pruned` (8 to a byte, least significant first) is clear: a
- * byte per 8 entries read instead of 8 weights. A byte's 8 AND masks come from a table (8 KiB, in L1): one
- * vector load, where shifting the byte per entry left the loop scalar. lo is a multiple of 8 (a block's start). */
+/* The same sum over the entries whose bit in `pruned` (8 to a byte, least significant first) is clear,
+ * reading a byte per 8 entries instead of 8 weights; lo is a multiple of 8 (a block's start). Entry i + j
+ * adds its rounded square to lane j, as in block_sumsq, so every version below gives the same sum bit for
+ * bit (tests/lib/test_grad_clip.py builds both). With AVX2 a byte is widened to 8 lane masks by one
+ * compare, and the sum runs as fast as the unmasked one (two threads, 124M entries: 0.95-0.98x). Without
+ * it a byte's 8 AND masks come from a table (8 KiB, in L1): one vector load, where shifting the byte per
+ * entry left the loop scalar, but 1.6-1.8x the unmasked sum. (AVX-512's masked load of g, with the byte
+ * as its mask, was 2.8-3.1x: slower than the table.) */
 static uint32_t keep_of_byte[256][8];
 
 __attribute__((constructor)) static void fill_keep_of_byte(void)
@@ -247,6 +255,20 @@ static double block_sumsq_bits(const uint8_t *restrict pruned, const float *rest
 {
     double acc[NORM_LANES] = {0};
     int64_t i = lo;
+#if defined(__AVX2__)
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
+    for (; i + NORM_LANES <= hi; i += NORM_LANES) {
+        __m256i set = _mm256_and_si256(_mm256_set1_epi32(pruned[i >> 3]), bit);
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, _mm256_setzero_si256()));
+        __m256 x = _mm256_and_ps(_mm256_loadu_ps(g + i), keep);
+        __m256d xl = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), xh = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        low = _mm256_add_pd(low, _mm256_mul_pd(xl, xl));
+        high = _mm256_add_pd(high, _mm256_mul_pd(xh, xh));
+    }
+    _mm256_storeu_pd(acc, low);
+    _mm256_storeu_pd(acc + 4, high);
+#else
     for (; i + NORM_LANES <= hi; i += NORM_LANES) {
         const uint32_t *keep = keep_of_byte[pruned[i >> 3]];
         for (int j = 0; j < NORM_LANES; j++) {
@@ -254,6 +276,7 @@ static double block_sumsq_bits(const uint8_t *restrict pruned, const float *rest
             acc[j] += x * x;
         }
     }
+#endif
     for (int j = 0; i < hi; i++, j++) {
         double x = as_float(as_bits(g[i]) & keep_of_byte[pruned[i >> 3]][i & 7]);
         acc[j] += x * x;

@@ -30,10 +30,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kprune"
 
 
-def _machine_key(source: Path, cc: str) -> str:
+def _machine_key(source: Path, cc: str, flags: list[str]) -> str:
     """What the built library depends on: source, flags, compiler, and this CPU (-march=native)."""
     h = hashlib.sha256(source.read_bytes())
-    h.update(" ".join([cc, *CFLAGS, platform.machine()]).encode())
+    h.update(" ".join([cc, *flags, platform.machine()]).encode())
     h.update(subprocess.run([cc, "--version"], capture_output=True, check=True).stdout)
     try:
         with open("/proc/cpuinfo") as f:  # a cache shared by unlike nodes (a cluster's home) keeps one per CPU kind
@@ -43,18 +43,20 @@ def _machine_key(source: Path, cc: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(source: Path) -> ctypes.CDLL:
-    """`source` compiled (or found in the cache) and loaded."""
+def build(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """`source` compiled (or found in the cache) and loaded. `extra_flags` follow CFLAGS: the tests build
+    the versions a kernel keeps for other CPUs with them (e.g. -mno-avx512f)."""
     cc = os.environ.get("CC") or "cc"
+    flags = [*CFLAGS, *extra_flags]
     try:
-        target = cache_dir() / f"{source.stem}-{_machine_key(source, cc)}.so"
+        target = cache_dir() / f"{source.stem}-{_machine_key(source, cc, flags)}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             # Built under a temporary name and renamed: processes starting together never load half a file.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                subprocess.run([cc, *CFLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, check=True,
+                subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, check=True,
                                text=True)
                 os.replace(tmp, target)
             finally:

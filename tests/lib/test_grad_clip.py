@@ -9,7 +9,9 @@ clip_grad_norm_, and a dense run takes the same path.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from lib import fused_adam, grad_clip
+from lib import fused_adam, grad_clip, native
 from lib.cli import build_parser
 from lib.fused_adam import KpruneAdam, KpruneAdamW
 from lib.grad_clip import clip_coefficient, clipped_step, masked_grad_norm
@@ -141,6 +143,29 @@ def test_with_the_pruners_bits_the_norm_leaves_out_exactly_the_pruned_weights(us
     assert float(norms[0]) >= 1e3
     opt.pruned_bits = {}  # without bits: the zero weights are left out, the 1e3 with them
     assert float(masked_grad_norm(opt)) < 1e3
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="-mno-avx2 is an x86-64 flag")
+def test_the_bits_sum_without_avx2_is_the_same_sum_bit_for_bit(tmp_path, monkeypatch, threads):
+    # adam_step.c sums by the bits with AVX2 where the CPU has it, else with a table: one sum, either way.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    builds = [native.build(fused_adam.SOURCE), native.build(fused_adam.SOURCE, ("-mno-avx2",))]
+    assert len(list((tmp_path / "kprune").glob("adam_step-*.so"))) == 2
+    params = _params()
+    _grads(params, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    pruned = [torch.rand(p.numel(), generator=g) < 0.5 for p in params]
+    bits = [pack_bits(f) for f in pruned]
+    items = (fused_adam._NormTensor * len(params))(*[
+        fused_adam._NormTensor(p.data_ptr(), p.grad.data_ptr(), p.numel(), 1, b.data_ptr())
+        for p, b in zip(params, bits)])
+    sums = []
+    for lib in builds:
+        lib.kprune_grad_sumsq.argtypes = [ctypes.POINTER(fused_adam._NormTensor), ctypes.c_int, ctypes.c_int]
+        lib.kprune_grad_sumsq.restype = ctypes.c_double
+        sums += [lib.kprune_grad_sumsq(items, len(params), count) for count in (1, 2)]
+    oracle = sum(float(torch.where(f, 0.0, p.grad.view(-1)).double().pow(2).sum()) for p, f in zip(params, pruned))
+    assert len(set(sums)) == 1 and abs(sums[0] - oracle) <= 1e-13 * oracle
 
 
 def _clipped_run(cls, how: str, max_norm: float, use_c: bool, monkeypatch, steps: int = 5):
