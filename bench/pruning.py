@@ -5,25 +5,28 @@ output layer, no biases (123,532,032 weights), fp32 on the CPU, AdamW states
 populated, state/bitter7 pruned to 50%. Prints one JSON object:
 
   mask_update_s              one full mask update (score, exact global selection,
-                             masks, zeroing of weights and states), best of REPEATS,
-                             each from the same trained weights and moments (restored
-                             before each: untimed)
+                             masks, zeroing of weights and states), each from the same
+                             trained weights and moments (restored before each: untimed);
+                             REPEATS rounds of one update and one streaming pass: the
+                             times of the round whose ratio is the median
   pruned_count_exact         the pruned count equals round(0.5 * params)
   stream_pass_s              the machine's yardstick: one pass that reads every weight
                              and its exp_avg_sq and writes one float32 per weight
-                             (torch.mul into preallocated buffers), best of REPEATS
-  update_vs_stream           mask_update_s / stream_pass_s
+                             (torch.mul into preallocated buffers)
+  update_vs_stream           mask_update_s / stream_pass_s: the median of the rounds' ratios
   dense_step_s               torch AdamW (foreach) step on the same tensors, unpruned
   torch_fused_step_s         torch's fused AdamW step on the same tensors, unpruned
   masked_step_s              kprune's steady state between updates: after_backward,
                              then kprune's AdamW step (lib/fused_adam.py), which
-                             masks the pruned weights inside its one pass
+                             masks the pruned weights inside its one pass; timed in
+                             STEP_REPEATS rounds with the unmasked step, and both are the
+                             times of the round whose masking ratio is the median
   kprune_unmasked_step_s     the same step with nothing masked (what a dense run does),
                              after pruning (half the moments exactly zero)
   masking_vs_own_step        (masked_step_s - kprune_unmasked_step_s) / kprune_unmasked_step_s:
                              what keeping pruned weights at zero costs per step (noise
-                             can make it slightly negative)
-  separate_masking_s,        the separate masking pass the step replaces (still used
+                             can make it slightly negative); the median round's
+  separate_masking_s,        the separate masking pass the step replaces (best of REPEATS; still used
   separate_masking_vs_own_step  with SGD and AdamWSPAM) and its ratio
   masked_clipped_step_s      the same steady state with gradient clipping (GRAD_CLIP=1.0,
                              as every shipped defconfig): after_backward, the norm of
@@ -33,7 +36,9 @@ populated, state/bitter7 pruned to 50%. Prints one JSON object:
   kprune_unmasked_clipped_step_s  the same with nothing masked: a dense run's norm + step
   masking_vs_own_step_clipped  (masked_clipped_step_s - kprune_unmasked_clipped_step_s)
                              / kprune_unmasked_clipped_step_s: what keeping pruned
-                             weights at zero costs per step with clipping
+                             weights at zero costs per step with clipping (the four clipped
+                             steps are timed in STEP_REPEATS rounds; each pair compared is
+                             the pair of the round whose ratio is the median)
   torch_clipped_step_s       the way before (a dense run): torch's clip_grad_norm_
                              (reads the gradients, then reads and writes them), then
                              kprune's step
@@ -56,7 +61,9 @@ output layer left out) measures the same update and masking with that
 sparsity structure (default: unstructured); `structure`, `prunable_params`
 and the update's `target_groups`/`pruned_groups` say what was pruned.
 Nothing here is a pass/fail test: the numbers are compared as ratios within
-one run.
+one run. Each ratio pairs two arms timed back to back in one round and takes
+the median round: the machine's memory bandwidth drifts between rounds, and a
+ratio of two best-of times moved with whichever arm had the luckier round.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ from torch import nn
 
 from bench.knobs import KnobError, choice_knob, knob
 from bench.output import emit
+from lib.device import keep_freed_memory
 from lib.errors import KpruneError
 from lib.grad_clip import clipped_step
 from lib.optim import OPTIMIZERS
@@ -80,9 +88,9 @@ from lib.pruning.build import build_structure
 from lib.pruning.units import UnitFamily, Units, attention_heads, consecutive
 from lib.settings import Settings
 
-REPEATS = 3
-# The steps compared with each other take ~0.05 s: best of more alternating rounds, so that one lucky round
-# (the machine's noise is of the order of the masking's cost) does not decide a ratio.
+REPEATS = 5  # rounds of an update and the streaming pass (odd: the median is a round)
+# The steps compared with each other take ~0.05 s, and the machine's noise is of the order of the masking's
+# cost: more rounds.
 STEP_REPEATS = 15
 CLIP = 1.0  # GRAD_CLIP of every shipped defconfig
 
@@ -136,6 +144,16 @@ def _best(fn, repeats: int = REPEATS) -> float:
     return best
 
 
+def rounds(arms, count: int) -> list[list[float]]:
+    """`count` rounds, each timing every function of `arms` once, back to back: [round][arm] seconds."""
+    return [[_best(fn, 1) for fn in arms] for _ in range(count)]
+
+
+def median_round(times: list[list[float]], ratio) -> list[float]:
+    """The round whose ratio(times of its arms) is the median of the rounds' (the upper one of an even count)."""
+    return sorted(times, key=lambda arms: ratio(*arms))[len(times) // 2]
+
+
 def restorer(params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
     """A function that puts the weights and their optimizer states (those of their shape) back as they are now."""
     saved = [(p.detach().clone(), {name: t.clone() for name, t in optimizer.state[p].items()
@@ -154,6 +172,9 @@ def main() -> int:
     threads = knob("BENCH_THREADS", 2, minimum=1)
     kind = choice_knob("BENCH_STRUCTURE", "unstructured", STRUCTURES)
     torch.set_num_threads(threads)
+    # As every kprune run on the CPU (lib/device.py prepare_process): freed memory stays in the process, so
+    # the gradients an update frees, and the next backward allocates, cost no unmapping and no page faults.
+    keep_freed_memory()
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(shape) * 0.02) for shape in layer_shapes(scale)]
     n = sum(p.numel() for p in params)
@@ -220,14 +241,13 @@ def main() -> int:
         optimizer.masked_params = frozenset()  # what a dense run's step does
         optimizer.step()
 
-    # Alternated, best of each: the two are compared with each other, so they share the machine's moods.
+    def extra(masked: float, unmasked: float) -> float:
+        return (masked - unmasked) / unmasked
+
+    # Back to back in each round: the two are compared with each other, so they share the machine's moods.
     # The gradients of pruned weights are zeroed once, so the unmasked steps leave them pruned too.
     pruner.masks.zero_pruned_grads()
-    masked_times, unmasked_times = [], []
-    for _ in range(STEP_REPEATS):
-        masked_times.append(_best(masked_step, 1))
-        unmasked_times.append(_best(unmasked_step, 1))
-    masked_step_s, kprune_dense_step_s = min(masked_times), min(unmasked_times)
+    masked_step_s, kprune_dense_step_s = median_round(rounds([masked_step, unmasked_step], STEP_REPEATS), extra)
     masking_s = _best(pruner.masks.zero_pruned_grads)
 
     # With gradient clipping: the loop's path (lib/grad_clip.py) and the one it replaced, alternated.
@@ -249,11 +269,10 @@ def main() -> int:
         pruner.masks.zero_pruned_grads()
         torch_clipped_step()
 
-    clipped = {f: [] for f in (masked_clipped_step, unmasked_clipped_step, torch_clipped_step, separate_clipped_step)}
-    for _ in range(STEP_REPEATS):
-        for f, times in clipped.items():
-            times.append(_best(f, 1))
-    masked_clipped_s, unmasked_clipped_s, torch_clipped_s, separate_clipped_s = (min(t) for t in clipped.values())
+    clipped = rounds([masked_clipped_step, unmasked_clipped_step, torch_clipped_step, separate_clipped_step],
+                     STEP_REPEATS)
+    masked_clipped_s, unmasked_clipped_s = median_round([r[:2] for r in clipped], extra)
+    torch_clipped_s, separate_clipped_s = median_round([r[2:] for r in clipped], lambda t, sep: extra(sep, t))
 
     streams = [torch.empty_like(p) for p in params]  # preallocated float32 outputs
 
@@ -264,15 +283,14 @@ def main() -> int:
     stream_pass()  # first touch
     for p in params:
         p.grad = None  # backward() gives them their gradients back
-    # The yardstick and the update alternate, so that they share the machine's moods; best of each.
-    stream_times, updates = [], []
+    # The yardstick and the update back to back in each round, so that they share the machine's moods.
+    paired = []
     for _ in range(REPEATS):
-        stream_times.append(_best(stream_pass, 1))
-        updates.append(fresh_update())
-    stream_s = min(stream_times)
+        stream_time = _best(stream_pass, 1)
+        paired.append((stream_time, *fresh_update()))
     del streams
-    times = [t for t, _ in updates]
-    peaks = [b for _, b in updates if b is not None]
+    stream_s, update_s, _ = median_round(paired, lambda stream, update, peak: update / stream)
+    peaks = [b for _, _, b in paired if b is not None]
     peak_extra = max(peaks) if peaks else None
     _, own_buffer_peak = fresh_update(after_step=False)  # the same measurement, with a score buffer
     last = pruner.updates[-1]
@@ -290,10 +308,10 @@ def main() -> int:
         "target_groups": last.target_groups,
         "pruned_groups": last.pruned_groups,
         "scale": scale,
-        "mask_update_s": round(min(times), 4),
+        "mask_update_s": round(update_s, 4),
         "pruned_count_exact": bool(exact),
         "stream_pass_s": round(stream_s, 4),
-        "update_vs_stream": round(min(times) / stream_s, 2),
+        "update_vs_stream": round(update_s / stream_s, 2),
         "dense_step_s": round(dense_step_s, 4),
         "torch_fused_step_s": round(torch_fused_step_s, 4),
         "masked_step_s": round(masked_step_s, 4),
