@@ -6,10 +6,10 @@ from bench.pruning import median_round, rounds
 
 
 def test_the_median_round_is_a_round_not_the_best_of_each_arm():
-    times = [[1.0, 10.0], [2.0, 1.0], [3.0, 3.0], [0.5, 0.4], [9.0, 1.0]]
-    # Ratios 0.1, 2, 1, 1.25, 9: the median is round 2's. The best of each arm (0.5, 0.4) would pair two rounds.
+    times = [[1.0, 10.0], [2.0, 1.0], [3.0, 3.0], [0.4, 0.5], [9.0, 1.0]]
+    # Ratios 0.1, 2, 1, 0.8, 9: the median is round 2's (the best of each arm, round 3's, has ratio 0.8).
     assert median_round(times, lambda a, b: a / b) == [3.0, 3.0]
-    assert median_round(times[:4], lambda a, b: a / b) == [0.5, 0.4]  # even count: the upper of the two middle
+    assert median_round(times[:4], lambda a, b: a / b) == [3.0, 3.0]  # even count: the upper of the two middle
 
 
 def test_rounds_time_every_arm_once_per_round_in_order():
