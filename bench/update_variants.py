@@ -6,16 +6,17 @@ bitter7 update to 50% with later steps switched off one by one, the variants
 alternating round by round (best of the rounds each, each update from the same
 trained weights and moments), plus bench-pruning's streaming pass:
 
-  now             everything: a sample of the keys sets a window; each weight's score and key in
-                  one C pass that counts the keys below the window and collects those inside it;
-                  the threshold among those; the bits and the zeroing of the weights in a second
-                  pass (kprune's AdamW takes a pruned weight's moments as 0 in its next step)
-  moments_zeroed  the same, the second pass zeroing the moments too (as before session 6)
-  no_window       and without the window (session 5's update): the first histogram counted in
-                  the score pass, the second histogram (and, when the threshold's key ties, a
-                  search for the tied keys) in further passes over the keys
-  torch_scores    `now` with the scores as torch operations in cache-sized pieces (the window
-                  counted over the keys torch wrote)
+  now             everything: a sample of the keys sets a window; one C pass per weight scores it,
+                  writes the bits of the keys below the window and keeps the keys inside it (no
+                  key written); the threshold among those, their bits; a second pass zeroes the
+                  selected weights from the bits (kprune's AdamW takes a pruned weight's moments
+                  as 0 in its next step)
+  moments_zeroed  the same, the second pass zeroing the moments too
+  no_window       without the window: the keys written by the score pass, which counts their
+                  first histogram, the second histogram in a pass over the keys, the bits and
+                  the zeroing of weights and moments in one more (session 6 without its window)
+  torch_scores    `no_window` with the scores as torch operations in cache-sized pieces (a GPU's
+                  path: no window), the moments zeroed by the step
   whole_scores    and scores over whole tensors at once
   torch_store     and the bits and zeroing as torch passes (iter_selection, pack_bits, multiplies)
   before          no C at all, no window, moments zeroed: the update as it was before issue 18
@@ -27,7 +28,8 @@ last place where select.c's is correctly rounded, so a weight whose bitter7
 score lies within a unit of the threshold may go either way: a handful at
 most), each later variant from `torch_scores` and `moments_zeroed`/`no_window`
 from `now` (the same scores: 0); and `paths`: what each variant's last update
-ran (C score passes, windows that held the threshold, C stores). Like every
+ran (C score passes, windows that held the threshold, C stores of the bits
+from the keys). Like every
 figure here, compare the ratios within one run.
 """
 
@@ -42,6 +44,7 @@ from torch import nn
 from bench.knobs import knob
 from bench.output import emit
 from bench.pruning import layer_shapes, restorer
+from lib.device import keep_freed_memory
 from lib.optim import OPTIMIZERS
 from lib.pruning import selection
 from lib.pruning import scores as scores_module
@@ -57,6 +60,7 @@ def main() -> int:
     scale = knob("BENCH_SCALE", 1.0, minimum=0.02)
     torch.set_num_threads(knob("BENCH_THREADS", 2, minimum=1))
     rounds = knob("BENCH_ROUNDS", 3, minimum=1)
+    keep_freed_memory()  # as bench-pruning and every CPU run
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(shape) * 0.02) for shape in layer_shapes(scale)]
     for p in params:
@@ -69,15 +73,15 @@ def main() -> int:
     gradients = [p.grad.clone() for p in params]
     native, store, piece = selection._native, update_pass.store_selection, scores_module.SCORE_CHUNK
     one_pass, torch_scores = UpdatePass._native_keys_, lambda *a, **k: False
-    sampled, unsampled = UpdatePass._set_window, lambda *a: 0
+    sampled, unsampled = UpdatePass._sample_window, lambda *a: (0, None)
     whole = 1 << 62
     # (select.c, its store, the score chunk, the scoring pass, the window, whether the step zeroes the moments)
     variants = {"now": (native, store, piece, one_pass, sampled, True),
                 "moments_zeroed": (native, store, piece, one_pass, sampled, False),
                 "no_window": (native, store, piece, one_pass, unsampled, False),
-                "torch_scores": (native, store, piece, torch_scores, sampled, True),
-                "whole_scores": (native, store, whole, torch_scores, sampled, True),
-                "torch_store": (native, lambda *a: False, whole, torch_scores, sampled, True),
+                "torch_scores": (native, store, piece, torch_scores, unsampled, True),
+                "whole_scores": (native, store, whole, torch_scores, unsampled, True),
+                "torch_store": (native, lambda *a: False, whole, torch_scores, unsampled, True),
                 "before": (lambda: None, lambda *a: False, whole, torch_scores, unsampled, False)}
     paths: dict[str, int] = {}  # what the last update of a variant ran: C score passes, windows, C stores
 
@@ -87,13 +91,14 @@ def main() -> int:
             paths[key] += int(hit(out))
             return out
         return run
-    window_threshold = window.window_threshold
+    window_threshold, window_pass = window.window_threshold, update_pass.score_window
     window.window_threshold = counted(window_threshold, "windows", lambda found: found is not None)
+    update_pass.score_window = counted(window_pass, "c_scores", lambda found: True)
     restore = restorer(params, optimizer)  # each update from the trained state: the last one zeroed half of it
 
     def switch(name: str) -> None:
         c_select, c_store, chunk, scoring, sampling, pruner.fused_masking = variants[name]
-        (selection._native, scores_module.SCORE_CHUNK, UpdatePass._set_window) = c_select, chunk, sampling
+        (selection._native, scores_module.SCORE_CHUNK, UpdatePass._sample_window) = c_select, chunk, sampling
         update_pass.store_selection = counted(c_store, "c_stores")
         UpdatePass._native_keys_ = counted(scoring, "c_scores")
 
@@ -129,7 +134,7 @@ def main() -> int:
             taken[name] = dict(paths)
         best["stream"] = min(best["stream"], stream())
     switch("now")
-    window.window_threshold = window_threshold
+    window.window_threshold, update_pass.score_window = window_threshold, window_pass
 
     def differing(name: str) -> int:
         other = masks["now" if name in ("torch_scores", "no_window", "moments_zeroed") else "torch_scores"]

@@ -5,10 +5,11 @@
  * key, pruned weights given the lowest key, and optionally the first radix histogram counted,
  * all in one pass that reads the weight and the optimizer states it needs and writes the key.
  * kprune_histogram: the radix-histogram passes that find the k-th key.
- * kprune_counters_window: instead of the first histogram, count the keys below a window [lo, hi]
- * that a sample says holds the k-th key, and each key inside it in its own bin of the histogram's
- * counters; kprune_window_kth reads the k-th key off those: no increment for the keys outside the
- * window, no second pass over the keys, no memory.
+ * kprune_score_window: where a sample says a window [lo, hi] of keys holds the k-th key, the pass that
+ * scores the weights writes no keys: it writes the mask bits of the keys below lo, counts them, and
+ * keeps the few keys inside the window with their positions, all into the buffer the keys would have
+ * taken; kprune_window_set then sets the bits of the kept keys below the threshold found among them,
+ * and kprune_zero_selected zeroes the selected weights. No pass reads the keys again.
  * kprune_sample_keys: the keys of a sample of the weights (a few cache lines each), for the window.
  * kprune_select_store: the pass after them: the mask bits (key <= threshold, 8 to a byte, least
  * significant bit first) and the zeroing of each selected weight (and of its optimizer states,
@@ -62,15 +63,7 @@ static void run_parallel(void *(*fn)(void *), void *work, size_t size, int threa
 typedef struct {
     int threads;
     uint32_t *sub;                  /* threads x COPIES x STRIDE */
-    /* Window mode (kprune_counters_window): the first pass counts per thread the keys below lo, and each
-     * key in [lo, hi] in bin (key - lo) >> shift of the thread's counters (one flat array of WINDOW_BINS);
-     * where bins are wider than one value, kprune_histogram's low_pass 3 counts again inside the k-th's. */
-    int window, shift;
-    int32_t lo, hi;
-    int64_t inside[MAX_THREADS], below[MAX_THREADS];
 } counters;
-
-#define WINDOW_BINS ((int64_t)COPIES * STRIDE)  /* a window spans fewer key values than this */
 
 /* Counters for passes of up to `threads` threads; NULL if there is no memory. A thread's uint32
  * counters hold at most the keys it counts / COPIES: kprune's pools are below 2**32 weights. */
@@ -82,7 +75,6 @@ void *kprune_counters_new(int threads)
     if (c == NULL)
         return NULL;
     c->threads = threads;
-    c->window = 0;
     c->sub = calloc((size_t)threads * COPIES * STRIDE, sizeof(uint32_t));
     if (c->sub == NULL) {
         free(c);
@@ -105,74 +97,6 @@ int64_t kprune_counters_take(void *handle, int64_t *hist)
     }
     memset(c->sub, 0, (size_t)c->threads * COPIES * STRIDE * sizeof(uint32_t));
     return zeros;
-}
-
-/* From now on a first pass over keys counts those below lo and those in [lo, hi] (lo <= hi) instead of
- * the first histogram. A window of more key values than WINDOW_BINS is counted in bins of 2^shift values. */
-void kprune_counters_window(void *handle, int32_t lo, int32_t hi)
-{
-    counters *c = handle;
-    c->window = 1;
-    c->lo = lo;
-    c->hi = hi;
-    c->shift = 0;
-    const uint32_t span = (uint32_t)hi - (uint32_t)lo;  /* hi - lo, in 32 bits (keys may be negative) */
-    while ((span >> c->shift) >= (uint64_t)WINDOW_BINS)
-        c->shift++;
-    memset(c->inside, 0, sizeof c->inside);
-    memset(c->below, 0, sizeof c->below);
-}
-
-/* After the first pass in window mode: how many keys lay below lo (returned) and in [lo, hi] (*inside). */
-int64_t kprune_counters_window_counts(void *handle, int64_t *inside)
-{
-    counters *c = handle;
-    int64_t below = 0;
-    *inside = 0;
-    for (int t = 0; t < c->threads; t++) {
-        below += c->below[t];
-        *inside += c->inside[t];
-    }
-    return below;
-}
-
-/* After the first pass in window mode (or a narrowing pass): the k-th lowest (1-based) of the keys counted
- * in the window. Returns 0 with out[0] the key, out[1] how many counted keys lie below it and out[2] how
- * many equal it; or, where bins are 2^shift key values wide, 1 with the window narrowed to the k-th key's
- * bin (one value a bin: count again, kprune_histogram's low_pass 3) and out[1] the keys below that bin; -1
- * if fewer than k keys were counted. The counters start again from zero; window mode ends unless the
- * window was narrowed. */
-int kprune_window_kth(void *handle, int64_t k, int64_t *out)
-{
-    counters *c = handle;
-    int64_t bins = (int64_t)((((uint32_t)c->hi - (uint32_t)c->lo) >> c->shift) + 1), cum = 0, hit = -1;
-    for (int64_t b = 0; b < bins && hit < 0; b++) {
-        int64_t count = 0;
-        for (int t = 0; t < c->threads; t++)
-            count += c->sub[(int64_t)t * COPIES * STRIDE + b];
-        if (cum + count >= k) {
-            hit = b;
-            out[0] = (int64_t)c->lo + (b << c->shift);
-            out[1] = cum;
-            out[2] = count;
-        }
-        cum += count;
-    }
-    for (int t = 0; t < c->threads; t++)
-        memset(c->sub + (int64_t)t * COPIES * STRIDE, 0, bins * sizeof(uint32_t));
-    if (hit < 0) {
-        c->window = 0;
-        return -1;
-    }
-    if (c->shift == 0) {
-        c->window = 0;
-        return 0;
-    }
-    int64_t top = out[0] + ((int64_t)1 << c->shift) - 1;
-    c->lo = (int32_t)out[0];
-    c->hi = top < c->hi ? (int32_t)top : c->hi;
-    c->shift = 0;
-    return 1;
 }
 
 void kprune_counters_free(void *handle)
@@ -222,51 +146,7 @@ static inline void count_high(uint32_t *restrict s, const int32_t *restrict k, i
     s[ZEROS] += zeros;
 }
 
-/* Window mode's first pass over keys [begin, end) of thread t: the keys below lo counted (vector compares),
- * and each key in [lo, hi] counted in bin (key - lo) >> shift of the thread's counters. Few keys lie in the
- * window: GROUP keys are tested at once and only a group holding one of them is looked at key by key. */
 #define GROUP 32                    /* keys tested at once in the filtered passes (two 64-byte vectors of keys) */
-
-/* The keys of a group that lie in the window, counted in their bins; how many there were. */
-static __attribute__((noinline)) int64_t count_group(uint32_t *restrict s, const int32_t *restrict k, uint32_t ulo,
-                                                     uint32_t span, int shift)
-{
-    int64_t inside = 0;
-    for (int j = 0; j < GROUP; j++)
-        if ((uint32_t)k[j] - ulo <= span) {
-            s[((uint32_t)k[j] - ulo) >> shift]++;
-            inside++;
-        }
-    return inside;
-}
-
-static void window_counts(counters *c, int t, const int32_t *restrict k, int64_t begin, int64_t end)
-{
-    const int32_t lo = c->lo;
-    const uint32_t ulo = (uint32_t)lo, span = (uint32_t)c->hi - ulo;
-    const int shift = c->shift;
-    uint32_t *restrict s = c->sub + (int64_t)t * COPIES * STRIDE;
-    int64_t below = 0, inside = 0, i = begin;
-    for (; i + GROUP <= end; i += GROUP) {
-        int32_t below_group = 0, any = 0;
-        for (int j = 0; j < GROUP; j++) {
-            below_group += k[i + j] < lo;
-            any |= (uint32_t)k[i + j] - ulo <= span;
-        }
-        below += below_group;
-        if (any)
-            inside += count_group(s, k + i, ulo, span, shift);
-    }
-    for (; i < end; i++) {
-        below += k[i] < lo;
-        if ((uint32_t)k[i] - ulo <= span) {
-            s[((uint32_t)k[i] - ulo) >> shift]++;
-            inside++;
-        }
-    }
-    c->below[t] += below;
-    c->inside[t] += inside;
-}
 
 typedef struct {
     const int32_t *keys;
@@ -274,8 +154,6 @@ typedef struct {
     int low_pass;
     int32_t high;
     uint32_t *sub;                  /* COPIES x STRIDE counts of this thread's own */
-    counters *c;                    /* in window mode: the window's counts (pass 1) or bins (low_pass 3) */
-    int t;
 } hist_work;
 
 
@@ -285,28 +163,7 @@ static void *count(void *arg)
     const int32_t *restrict k = w->keys;
     uint32_t *restrict s = w->sub;
     if (!w->low_pass) {
-        if (w->c->window)
-            window_counts(w->c, w->t, k, w->begin, w->end);
-        else
-            count_high(s, k, w->begin, w->end);
-        return NULL;
-    }
-    if (w->low_pass == 3) {
-        /* Window mode's narrowing pass: each key in [lo, hi] counted in bin key - lo; few are, so a group
-         * of keys with none of them is skipped after one vectorised test. */
-        const uint32_t ulo = (uint32_t)w->c->lo, span = (uint32_t)w->c->hi - ulo;
-        const int shift = w->c->shift;
-        int64_t i = w->begin;
-        for (; i + GROUP <= w->end; i += GROUP) {
-            int inside = 0;
-            for (int j = 0; j < GROUP; j++)
-                inside |= (uint32_t)k[i + j] - ulo <= span;
-            if (inside)
-                count_group(s, k + i, ulo, span, shift);
-        }
-        for (; i < w->end; i++)
-            if ((uint32_t)k[i] - ulo <= span)
-                s[((uint32_t)k[i] - ulo) >> shift]++;
+        count_high(s, k, w->begin, w->end);
         return NULL;
     }
     const int32_t high = w->high;
@@ -339,15 +196,14 @@ static void *count(void *arg)
     return NULL;
 }
 
-/* low_pass 0: pass 1 (in window mode: the window's counts); 1, 2: pass 2 of the keys whose top 16 bits are
- * `high`; 3: window mode's count inside the bin kprune_window_kth narrowed the window to. */
+/* low_pass 0: pass 1; 1, 2: pass 2 of the keys whose top 16 bits are `high`. */
 void kprune_histogram(const int32_t *keys, int64_t n, int low_pass, int32_t high, void *handle, int threads)
 {
     counters *c = handle;
     threads = pass_threads(threads, c, n, (int64_t)1 << 18);
     hist_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
-        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE, c, i};
+        work[i] = (hist_work){keys, 0, 0, low_pass, high, c->sub + (int64_t)i * COPIES * STRIDE};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(count, work, sizeof work[0], threads);
@@ -369,8 +225,6 @@ typedef struct {
     int64_t begin, end;
     float correction;
     uint32_t *sub;                  /* NULL: no histogram */
-    counters *c;                    /* its window mode: the window's counts instead of the histogram */
-    int t;
     int raw;                        /* the float scores themselves, not keys (a group structure sums them) */
 } score_work;
 
@@ -411,17 +265,14 @@ static void *score_keys(void *arg)
         if (a->pruned != NULL)      /* pruned stays pruned: the lowest key */
             for (int64_t i = b0; i < b1; i++)
                 k[i] = (a->pruned[i >> 3] >> (i & 7)) & 1 ? INT32_MIN : k[i];
-        if (a->c != NULL && a->c->window)
-            window_counts(a->c, a->t, k, b0, b1);
-        else if (a->sub != NULL)
+        if (a->sub != NULL)
             count_high(a->sub, k, b0, b1);
     }
     return NULL;
 }
 
 /* Keys of n weights by `formula` (m, v: the optimizer's moments, NULL where the formula reads none;
- * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters (in
- * window mode: the window's counts).
+ * pruned: the mask bits or NULL), and with a handle their first histogram added to its counters.
  * A negative formula -1 - f writes formula f's float scores themselves (no key, pruned and handle
  * unused). Returns -1 for an unknown formula, writing nothing. */
 int kprune_score_keys(int formula, const float *w, const float *m, const float *v, int32_t *keys,
@@ -440,7 +291,7 @@ int kprune_score_keys(int formula, const float *w, const float *m, const float *
     score_work work[MAX_THREADS];
     for (int i = 0; i < threads; i++) {
         work[i] = (score_work){formula, w, m, v, keys, pruned, 0, 0, correction,
-                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, c, i, raw};
+                               c != NULL ? c->sub + (int64_t)i * COPIES * STRIDE : NULL, raw};
         thread_range(n, threads, i, &work[i].begin, &work[i].end);
     }
     run_parallel(score_keys, work, sizeof work[0], threads);
@@ -466,6 +317,169 @@ int kprune_sample_keys(int formula, const float *w, const float *m, const float 
                     k[i] = INT32_MIN;
     }
     return 0;
+}
+
+/* kprune_score_window: the keys of n weights, as kprune_score_keys computes them, sorted against a window
+ * [lo, hi] (INT32_MIN < lo <= hi) instead of written. Each of up to `threads` threads scores a contiguous
+ * part [begin, end) of the weights (begin a multiple of 64) and writes into the same part of `buffer`
+ * (n int32: the memory the keys would have taken, a spent gradient):
+ *   at byte 4 * begin: the part's mask bits of the keys below lo (8 to a byte, least significant first;
+ *     pruned weights carry the lowest key, so their bits stay set), nbytes = (end - begin + 7) / 8;
+ *   from int32 index first = begin + (nbytes + 3) / 4: room for cap = (end - first) / 2 keys inside the
+ *     window, their keys at [first, first + cap) and their positions in the tensor at [first + cap, ...).
+ * out[6 t ..]: thread t's begin, end, first, cap, the keys it kept (-1: more than cap, the part overflowed)
+ * and the keys below lo. Returns the number of threads (parts), or -1 for an unknown formula. */
+typedef struct {
+    int formula;
+    const float *w, *m, *v;
+    const uint8_t *pruned;
+    int32_t *buffer;
+    int64_t n, begin, end;
+    float correction;
+    int32_t lo, hi;
+    int64_t *out;
+} window_work;
+
+static void *score_window(void *arg)
+{
+    const window_work *a = arg;
+    const uint32_t ulo = (uint32_t)a->lo, span = (uint32_t)a->hi - ulo;
+    const int32_t lo = a->lo;
+    int64_t nbytes = (a->end - a->begin + 7) / 8, first = a->begin + (nbytes + 3) / 4;
+    int64_t cap = first < a->end ? (a->end - first) / 2 : 0, kept = 0, below = 0;
+    uint8_t *bits = (uint8_t *)(a->buffer + a->begin);
+    int32_t *keys = a->buffer + first, *where = a->buffer + first + cap;
+    int32_t k[SCORE_BLOCK];         /* one block's keys, in L1 */
+    for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
+        int64_t len = (b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end) - b0;
+        score_range(a->formula, a->w + b0, a->m != NULL ? a->m + b0 : NULL, a->v != NULL ? a->v + b0 : NULL, k,
+                    0, len, a->correction, 0);
+        if (a->pruned != NULL)
+            for (int64_t i = 0; i < len; i++)
+                k[i] = (a->pruned[(b0 + i) >> 3] >> ((b0 + i) & 7)) & 1 ? INT32_MIN : k[i];
+        int64_t i = 0;
+        for (; i + 8 <= len; i += 8) {
+            uint8_t byte = 0;
+            for (int j = 0; j < 8; j++)
+                byte |= (uint8_t)((k[i + j] < lo) << j);
+            bits[(b0 - a->begin + i) >> 3] = byte;
+            below += __builtin_popcount(byte);
+        }
+        if (i < len) {              /* the tensor's last, partial byte */
+            uint8_t byte = 0;
+            for (int j = 0; i + j < len; j++)
+                byte |= (uint8_t)((k[i + j] < lo) << j);
+            bits[(b0 - a->begin + i) >> 3] = byte;
+            below += __builtin_popcount(byte);
+        }
+        /* Few keys lie in the window: a group without one is skipped after one vectorised test. */
+        for (i = 0; i < len && kept >= 0; i += GROUP) {
+            int64_t end = i + GROUP < len ? i + GROUP : len;
+            int hit = 0;
+            for (int64_t j = i; j < end; j++)
+                hit |= (uint32_t)k[j] - ulo <= span;
+            if (!hit)
+                continue;
+            for (int64_t j = i; j < end; j++)
+                if ((uint32_t)k[j] - ulo <= span) {
+                    if (kept == cap) {
+                        kept = -1;
+                        break;
+                    }
+                    keys[kept] = k[j];
+                    where[kept++] = (int32_t)(b0 + j);
+                }
+        }
+    }
+    int64_t *o = a->out;
+    o[0] = a->begin;
+    o[1] = a->end;
+    o[2] = first;
+    o[3] = cap;
+    o[4] = kept;
+    o[5] = below;
+    return NULL;
+}
+
+int kprune_score_window(int formula, const float *w, const float *m, const float *v, const uint8_t *pruned,
+                        int64_t n, float correction, int32_t lo, int32_t hi, int32_t *buffer, int threads,
+                        int64_t *out)
+{
+    if (formula < MAGNITUDE || formula > BITTER9)
+        return -1;
+    threads = pass_threads(threads, NULL, n, (int64_t)1 << 16);
+    window_work work[MAX_THREADS];
+    for (int i = 0; i < threads; i++) {
+        work[i] = (window_work){formula, w, m, v, pruned, buffer, n, 0, 0, correction, lo, hi, out + 6 * i};
+        thread_range(n, threads, i, &work[i].begin, &work[i].end);
+    }
+    run_parallel(score_window, work, sizeof work[0], threads);
+    return threads;
+}
+
+/* After kprune_score_window, where the window held the k-th key: of `count` kept keys with their positions,
+ * set the bits of those below `threshold` (with all_equal, also of those equal to it); without all_equal,
+ * write offset + position of each key equal to it into tied (room for tied_max; *tied_count counts them
+ * all): the caller takes its share of them. */
+void kprune_window_set(uint8_t *bits, const int32_t *keys, const int32_t *where, int64_t count, int32_t threshold,
+                       int all_equal, int64_t offset, int64_t *tied, int64_t tied_max, int64_t *tied_count)
+{
+    for (int64_t j = 0; j < count; j++) {
+        int32_t key = keys[j], i = where[j];
+        if (key < threshold || (all_equal && key == threshold))
+            bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+        else if (!all_equal && key == threshold) {
+            if (*tied_count < tied_max)
+                tied[*tied_count] = offset + i;
+            ++*tied_count;
+        }
+    }
+}
+
+/* Every tensor of targets (n floats each) zeroed where its bit is set: x AND a byte's 8 lane masks, from
+ * a table (8 KiB, in L1), so the loop is vectorised and every line is written back as it was read. */
+static uint32_t keep_of_byte[256][8];
+
+__attribute__((constructor)) static void fill_keep_of_byte(void)
+{
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++)
+            keep_of_byte[b][j] = (b >> j) & 1 ? 0u : ~0u;
+}
+
+typedef struct {
+    const uint8_t *bits;
+    float *const *targets;
+    int ntargets;
+    int64_t begin, end;
+} zero_work;
+
+static void *zero_selected(void *arg)
+{
+    const zero_work *z = arg;
+    for (int t = 0; t < z->ntargets; t++) {
+        uint32_t *restrict x = (uint32_t *)z->targets[t];
+        int64_t i = z->begin;
+        for (; i + 8 <= z->end; i += 8) {
+            const uint32_t *keep = keep_of_byte[z->bits[i >> 3]];
+            for (int j = 0; j < 8; j++)
+                x[i + j] &= keep[j];
+        }
+        for (; i < z->end; i++)
+            x[i] &= keep_of_byte[z->bits[i >> 3]][i & 7];
+    }
+    return NULL;
+}
+
+void kprune_zero_selected(const uint8_t *bits, float *const *targets, int ntargets, int64_t n, int threads)
+{
+    threads = pass_threads(threads, NULL, n, (int64_t)1 << 16);
+    zero_work work[MAX_THREADS];
+    for (int i = 0; i < threads; i++) {
+        work[i] = (zero_work){bits, targets, ntargets, 0, 0};
+        thread_range(n, threads, i, &work[i].begin, &work[i].end);
+    }
+    run_parallel(zero_selected, work, sizeof work[0], threads);
 }
 
 typedef struct {

@@ -22,6 +22,7 @@ on every rank and every run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,13 @@ def _first_bin_reaching(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, below
 
 
-def kth_threshold(keys: list[torch.Tensor], k: int, first_histogram: "Counters | None" = None) -> Threshold:
+def kth_threshold(keys: list[torch.Tensor], k: int, first_histogram: "Counters | None" = None,
+                  spare: "Counters | None" = None) -> Threshold:
     """Exact threshold for the k lowest of the flat int32 tensors `keys`, taken together (1 <= k <= total).
 
     `first_histogram`: counters that already hold the first histogram of exactly these keys
-    (counted while the keys were written: score_keys); it is used, and closed, here.
+    (counted while the keys were written: score_keys); it is used, and closed, here. `spare`: empty
+    counters to count in instead of new ones; they are left open and empty.
     """
     n = sum(t.numel() for t in keys)
     lib = _native() if n > SMALL_SELECTION and all(_native_ready(t) for t in keys) else None
@@ -78,7 +81,7 @@ def kth_threshold(keys: list[torch.Tensor], k: int, first_histogram: "Counters |
         return _kth(lambda: _chunks(keys), n, k, keys[0].device)
     _check_k(k, n)
     threads = torch.get_num_threads()
-    with first_histogram or Counters(threads) as counters:
+    with first_histogram or (contextlib.nullcontext(spare) if spare else Counters(threads)) as counters:
         counted = first_histogram is not None
 
         def histogram(hist: torch.Tensor, high: int | None, inside: int) -> int:
@@ -100,7 +103,6 @@ class Counters:
     def __init__(self, threads: int):
         self.lib = _native()
         self.threads = max(1, min(threads, 64))  # select.c's MAX_THREADS
-        self.windowed = False
         self.handle = self.lib.kprune_counters_new(threads)
         if not self.handle:
             raise MemoryError("no memory for the selection's histogram counters")
@@ -109,37 +111,6 @@ class Counters:
         """hist (int64, 65,536 bins) += every count so far; returns how many keys of a first histogram
         were exactly 0. The counters start again from zero."""
         return self.lib.kprune_counters_take(self.handle, hist.data_ptr())
-
-    def set_window(self, lo: int, hi: int) -> None:
-        """From now on the first pass counts the keys below `lo` and those in [lo, hi] instead of the first
-        histogram (window_kth then finds the k-th key)."""
-        assert INT32_MIN < lo <= hi < 2 ** 31, (lo, hi)
-        self.lib.kprune_counters_window(self.handle, lo, hi)
-        self.windowed = True
-
-    def window_counts(self) -> tuple[int, int]:
-        """(keys below the window, keys inside it) after the first pass."""
-        inside = ctypes.c_int64()
-        below = self.lib.kprune_counters_window_counts(self.handle, ctypes.byref(inside))
-        return below, inside.value
-
-    def window_kth(self, keys: list[torch.Tensor], k: int) -> Threshold | None:
-        """The k-th lowest of the keys inside the window (counted by the first pass), as a Threshold within it;
-        where the window spanned more key values than the counters have bins, after one more pass over `keys`
-        inside the k-th key's bin. None if the window holds fewer. Ends window mode."""
-        threads = torch.get_num_threads()
-        out = (ctypes.c_int64 * 3)()
-        status = self.lib.kprune_window_kth(self.handle, k, out)
-        if status == 1:  # narrowed to the k-th key's bin: count the keys inside it, one value a bin
-            k -= out[1]
-            for t in keys:
-                self.lib.kprune_histogram(t.data_ptr(), t.numel(), 3, 0, self.handle, threads)
-            status = self.lib.kprune_window_kth(self.handle, k, out)
-        self.windowed = False
-        if status != 0:
-            return None
-        key, below, equal = out
-        return Threshold(key=key, ties=k - below, equal=equal)
 
     def close(self) -> None:
         if self.handle:
@@ -174,9 +145,9 @@ def _native() -> ctypes.CDLL | None:
             "kprune_counters_free": ([ptr], None),
             "kprune_histogram": ([ptr, i64, cint, i32, ptr, cint], None),
             "kprune_score_keys": ([cint, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_float, ptr, cint], cint),
-            "kprune_counters_window": ([ptr, i32, i32], None),
-            "kprune_counters_window_counts": ([ptr, ptr], i64),
-            "kprune_window_kth": ([ptr, i64, ptr], cint),
+            "kprune_score_window": ([cint, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i32, i32, ptr, cint, ptr], cint),
+            "kprune_window_set": ([ptr, ptr, ptr, i64, i32, cint, i64, ptr, i64, ptr], None),
+            "kprune_zero_selected": ([ptr, ptr, cint, i64, cint], None),
             "kprune_sample_keys": ([cint, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr], cint),
             "kprune_select_store": ([ptr, i64, i32, ptr, ptr, cint, cint, i32, i64, ptr, i64, ptr], cint),
             "kprune_nm_cap": ([ptr, i64, cint, i64, cint, cint], None),
@@ -193,7 +164,7 @@ NATIVE_FORMULAS = {name: i for i, name in enumerate(
     ["magnitude", "bitter0", "bitter3", "bitter5", "bitter6", "bitter7", "bitter8", "bitter9"])}
 
 
-def _scorable(w: torch.Tensor, *others: torch.Tensor | None) -> bool:
+def scorable(w: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether select.c's score passes read these: CPU, float32, contiguous, all of w's shape (None: absent)."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == w.shape
                for t in (w, *others) if t is not None)
@@ -208,7 +179,7 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     square roots are correctly rounded (torch's CPU square root may be one unit off in the last
     place); the keys are what floats_to_keys_ makes of them; pruned weights (`pruned_bits`, packed
     as MaskSet keeps them) get the lowest key; with `counters`, the keys' first histogram is
-    counted in the same pass (or, with a window set, the window's counts). m and v are Adam's moments (None where the formula reads neither),
+    counted in the same pass. m and v are Adam's moments (None where the formula reads neither),
     `correction` bitter8's 1 - beta1^t. With keys=False the float scores themselves are written
     (what a block or channel structure sums into its group scores; pruned_bits and counters unused).
 
@@ -216,7 +187,7 @@ def score_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.T
     no C compiler, a formula it does not have): the caller scores with torch then.
     """
     lib = _native()
-    if lib is None or formula not in NATIVE_FORMULAS or not _scorable(w, m, v, out):
+    if lib is None or formula not in NATIVE_FORMULAS or not scorable(w, m, v, out):
         return False
     if pruned_bits is not None and not (pruned_bits.device.type == "cpu" and pruned_bits.dtype == torch.uint8
                                         and pruned_bits.is_contiguous()):
@@ -239,7 +210,7 @@ def sample_keys(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.
     score_keys could not serve."""
     lib = _native()
     if lib is None or formula not in NATIVE_FORMULAS or runs * stride > w.numel() or stride < length \
-            or not _scorable(w, m, v):
+            or not scorable(w, m, v):
         return False
     assert out.dtype == torch.int32 and out.is_contiguous() and out.numel() == runs * length
     ptr = [None if t is None else t.data_ptr() for t in (w, m, v, pruned_bits)]
@@ -253,8 +224,7 @@ def native_selection() -> bool:
 
 
 def count_first_histogram(key: torch.Tensor, counters: Counters) -> None:
-    """Add the CPU int32 keys `key` (written by torch, not score_keys) to the counters' first histogram
-    (with a window set: to the window's counts)."""
+    """Add the CPU int32 keys `key` (written by torch, not score_keys) to the counters' first histogram."""
     _native().kprune_histogram(key.data_ptr(), key.numel(), 0, 0, counters.handle, torch.get_num_threads())
 
 
@@ -282,19 +252,88 @@ def store_selection(keys: list[torch.Tensor], thr: Threshold, bits: list[torch.T
     if partial and (thr.equal > TIES_SETTLED_AT_MOST or thr.key == INT32_MIN
                     or first_index + sum(k.numel() for k in keys) > 1 << 32):
         return False
-    tied = torch.empty(thr.equal if partial else 0, dtype=torch.int64)
-    count = ctypes.c_int64(0)
+    tie = TiedKeys(thr)
     threads, offset = torch.get_num_threads(), first_index
     for key, b, group in zip(keys, bits, targets):
         pointers = (ctypes.c_void_p * len(group))(*[t.data_ptr() for t in group])
         lib.kprune_select_store(key.data_ptr(), key.numel(), thr.key - 1 if partial else thr.key, b.data_ptr(),
-                                pointers, len(group), threads, thr.key, offset,
-                                tied.data_ptr() if partial else None, tied.numel(), ctypes.byref(count))
+                                pointers, len(group), threads, thr.key, offset, *tie.arguments())
         offset += key.numel()
-    if partial:
-        assert count.value == thr.equal, "selection bug: the tied keys were miscounted"
-        _take_tied(tied, thr.ties, first_index, keys, bits, targets)
+    tie.take(first_index, keys, bits, targets)
     return True
+
+
+class TiedKeys:
+    """Where only some of the keys equal to a threshold are selected: the C pass that sets the bits writes the
+    pool indices of the equal keys here (`arguments`), and `take` selects the thr.ties of them whose indices
+    hash lowest (iter_selection's choice)."""
+
+    def __init__(self, thr: Threshold):
+        self.thr = thr
+        self.partial = thr.ties != thr.equal
+        self.tied = torch.empty(thr.equal if self.partial else 0, dtype=torch.int64)
+        self.count = ctypes.c_int64(0)
+
+    def arguments(self) -> tuple:
+        """The C passes' last three arguments: where the indices go, their room, their count."""
+        return self.tied.data_ptr() if self.partial else None, self.tied.numel(), ctypes.byref(self.count)
+
+    def take(self, first_index: int, keys: list, bits: list[torch.Tensor], targets: list[list[torch.Tensor]]) -> None:
+        """Set the bits (and zero the targets) of the chosen tied keys; keys[j] (anything with numel) gives
+        the size of the j-th tensor, whose first element has pool index first_index + the sizes before."""
+        if self.partial:
+            assert self.count.value == self.thr.equal, "selection bug: the tied keys were miscounted"
+            _take_tied(self.tied, self.thr.ties, first_index, keys, bits, targets)
+
+
+def score_window(formula: str, w: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,
+                 pruned_bits: torch.Tensor | None, correction: float, lo: int, hi: int,
+                 buffer: torch.Tensor) -> "WindowFinds | None":
+    """select.c's kprune_score_window over w (its checks are the sample's: sample_keys served these tensors):
+    the bits of the keys below lo and the keys inside [lo, hi] with their positions, in `buffer` (int32, w's
+    size, contiguous). None where a part of the buffer could not hold its keys inside the window."""
+    out = torch.empty(6 * 64, dtype=torch.int64)  # select.c's MAX_THREADS parts
+    ptr = [None if t is None else t.data_ptr() for t in (w, m, v, pruned_bits)]
+    parts = _native().kprune_score_window(NATIVE_FORMULAS[formula], *ptr, w.numel(), correction, lo, hi,
+                                          buffer.data_ptr(), torch.get_num_threads(), out.data_ptr())
+    assert parts > 0, formula
+    table = out[:6 * parts].view(parts, 6).tolist()
+    if any(kept < 0 for _, _, _, _, kept, _ in table):
+        return None
+    return WindowFinds(buffer, [tuple(row[:5]) for row in table], sum(row[5] for row in table))
+
+
+class WindowFinds:
+    """What kprune_score_window left in one tensor's buffer: per part (begin, end, first, cap, kept) the bits
+    of the keys below the window at byte 4 * begin and the kept keys and their positions from int32 first."""
+
+    def __init__(self, buffer: torch.Tensor, parts: list[tuple[int, int, int, int, int]], below: int):
+        self.buffer, self.parts, self.below = buffer, parts, below
+        self.inside = sum(kept for *_, kept in parts)
+
+    def kept_keys(self) -> list[torch.Tensor]:
+        return [self.buffer[first:first + kept] for _, _, first, _, kept in self.parts if kept]
+
+    def write_bits(self, bits: torch.Tensor, thr: Threshold, offset: int, tie: TiedKeys) -> None:
+        """bits = the keys below the window, and of the kept ones those below thr (with every equal one where
+        all are selected; otherwise their pool indices, offset + position, go to `tie`)."""
+        raw = self.buffer.view(torch.uint8)
+        lib = _native()
+        for begin, end, first, cap, kept in self.parts:
+            nbytes = (end - begin + 7) // 8
+            bits[begin // 8:begin // 8 + nbytes] = raw[4 * begin:4 * begin + nbytes]
+            if kept:
+                keys = self.buffer[first:first + kept]
+                lib.kprune_window_set(bits.data_ptr(), keys.data_ptr(), self.buffer[first + cap:].data_ptr(), kept,
+                                      thr.key, int(not tie.partial), offset, *tie.arguments())
+
+
+def zero_selected(bits: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    """Every tensor of `targets` (CPU, float32, contiguous, as many elements as bits has bits) zeroed where
+    its bit is set, in one threaded C pass."""
+    pointers = (ctypes.c_void_p * len(targets))(*[t.data_ptr() for t in targets])
+    _native().kprune_zero_selected(bits.data_ptr(), pointers, len(targets), targets[0].numel(),
+                                   torch.get_num_threads())
 
 
 def _take_tied(tied: torch.Tensor, ties: int, first_index: int, keys: list[torch.Tensor],

@@ -19,9 +19,9 @@ from torch import nn
 from lib.pruning.masks import CHUNK, MaskSet, chunk_size, chunks, pack_bits
 from lib.pruning.methods import FunctionMethod, Method
 from lib.pruning.scores import ScoreContext, native_arguments, score_chunk_numel
-from lib.pruning.selection import (INT32_MIN, SMALL_SELECTION, Counters, count_first_histogram, floats_to_keys_,
-                                   iter_selection, kth_threshold, native_selection, sample_keys, score_keys,
-                                   store_selection)
+from lib.pruning.selection import (INT32_MIN, SMALL_SELECTION, Counters, TiedKeys, count_first_histogram,
+                                   floats_to_keys_, iter_selection, kth_threshold, native_selection, sample_keys,
+                                   scorable, score_keys, score_window, store_selection, zero_selected)
 from lib.pruning.scope import Counts, row_select, select_groups
 from lib.pruning.structure import Structure
 from lib.pruning import window
@@ -44,78 +44,97 @@ class UpdatePass:
         None. `calibration_bytes`: what the method's calibration statistics hold through the update.
         `record_peak` gets the score memory held at once, once every weight is scored."""
         masks, structure = self.masks, self.structure
-        keys, borrowed, allocated, peak = [], [], 0, 0
-        zeroed: set[int] = set()  # parameters whose pruned weights and states _store already zeroed
-        weight_level = structure.weight_level
-        if not weight_level:
-            structure.begin()
+        borrowed: dict[int, nn.Parameter] = {}  # by id: parameters whose spent gradients the pass wrote into
+        zeroed: set[int] = set()  # parameters whose pruned weights and states the pass already zeroed
         # Which parameters already have pruned weights, read from the device once, not once per parameter.
-        pruned_before = masks.pruned_flags() if weight_level else []
+        pruned_before = masks.pruned_flags() if structure.weight_level else []
         # One global selection over keys no structure changes: on the CPU its first histogram is counted
         # while the keys are written (the counters are closed by the selection, or below).
-        counters = self._first_histogram() if weight_level and not structure.restricts and counts.per_layer is None \
-            and counts.per_row is None else None
+        counters = self._first_histogram() if structure.weight_level and not structure.restricts \
+            and counts.per_layer is None and counts.per_row is None else None
         try:
+            done, peak = False, 0
             if counters is not None and counts.total:  # a sample of the keys: the window that holds the k-th
-                peak = self._set_window(counters, counts.total, pruned_before, ctx, gradients_spent)
-            for i, p in enumerate(masks.params):
-                out, own = _spent_gradient(p) if gradients_spent else None, 0
-                if out is None:
-                    out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-                    own = out.numel() * out.element_size()
-                else:
-                    borrowed.append(p)
-                allocated += own
-                held = (allocated if weight_level else own) + structure.group_score_bytes(i) + calibration_bytes
-                state = self.optimizer.state.get(p, {})
-                native = self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx,
-                                            counters, keys=weight_level)
-                if native:
-                    peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
-                else:
-                    # Score memory while this weight is scored: the buffers held (the keys keep every one; a
-                    # group structure folds each into its group scores and drops it), the group scores, a
-                    # float32 copy of a weight of another dtype and the score's declared intermediates.
-                    transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
-                                 + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
-                    peak = max(peak, held + transient)
-                    self.method.score(i, p.detach().float(), state, out, ctx)
-                if not weight_level:  # the structure folds the weights' scores into its groups' scores
-                    structure.add_scores(i, out)
-                    continue
-                if native:  # already keys, pruned weights lowest
-                    key = out.view(-1).view(torch.int32)
-                    structure.restrict_(i, key)
-                else:
-                    key = self._keys_(i, out, pruned_before[i])
-                    if counters is not None:
-                        count_first_histogram(key, counters)
-                keys.append(key)
-            record_peak(peak)
-            if not weight_level:
-                structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
-                                               if counts.per_row is not None else None))
-                masks.pruned_count = structure.pruned_weights(counts.total)
-            elif counts.per_row is not None:
-                for i, (key, per_row) in enumerate(zip(keys, counts.per_row)):
-                    self._store_rows(key, i, per_row)
-                masks.pruned_count = counts.total
-            elif counts.per_layer is not None:
-                for i, (key, count) in enumerate(zip(keys, counts.per_layer)):
-                    if self._store([key], count, first=i):
-                        zeroed.add(i)
-                masks.pruned_count = counts.total
-            else:
-                if self._store(keys, counts.total, first=0, counted=counters):
-                    zeroed.update(range(len(keys)))
-                masks.pruned_count = counts.total
+                peak, bounds = self._sample_window(counts.total, pruned_before, ctx, gradients_spent)
+                held = None if bounds is None else self._select_in_window(
+                    bounds, counts.total, pruned_before, ctx, gradients_spent, counters, borrowed)
+                if held is not None:
+                    record_peak(max(peak, held + calibration_bytes))
+                    masks.pruned_count = counts.total
+                    zeroed.update(range(len(masks.params)))
+                    done = True
+            if not done:
+                self._score_and_select(counts, ctx, gradients_spent, calibration_bytes, record_peak, pruned_before,
+                                       counters, borrowed, zeroed, peak)
         finally:
             if counters is not None:
                 counters.close()
-        del keys, out
-        for p in borrowed:  # what the scores overwrote was spent; nothing may read it as a gradient
+        for p in borrowed.values():  # what the scores overwrote was spent; nothing may read it as a gradient
             p.grad = None
         masks.zero_pruned_weights_and_states(self.optimizer, done=frozenset(zeroed))
+
+    def _score_and_select(self, counts: Counts, ctx: ScoreContext, gradients_spent: bool, calibration_bytes: int,
+                          record_peak: Callable[[int], None], pruned_before: list[bool], counters: Counters | None,
+                          borrowed: dict[int, nn.Parameter], zeroed: set[int], peak: int = 0) -> None:
+        """Score every weight into its keys (or a structure's group scores), select, write the bits (run's
+        pass without a window); the parameters whose spent gradients it wrote into go to `borrowed`, those
+        whose pruned weights and states it zeroed to `zeroed`. `peak`: the score memory held before."""
+        masks, structure = self.masks, self.structure
+        keys, allocated = [], 0
+        weight_level = structure.weight_level
+        if not weight_level:
+            structure.begin()
+        for i, p in enumerate(masks.params):
+            out, own = _spent_gradient(p) if gradients_spent else None, 0
+            if out is None:
+                out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                own = out.numel() * out.element_size()
+            else:
+                borrowed[id(p)] = p
+            allocated += own
+            held = (allocated if weight_level else own) + structure.group_score_bytes(i) + calibration_bytes
+            state = self.optimizer.state.get(p, {})
+            native = self._native_keys_(i, p, state, out, pruned_before[i] if weight_level else False, ctx,
+                                        counters, keys=weight_level)
+            if native:
+                peak = max(peak, held)  # one C pass: nothing beside the keys (or scores)
+            else:
+                # Score memory while this weight is scored: the buffers held (the keys keep every one; a
+                # group structure folds each into its group scores and drops it), the group scores, a
+                # float32 copy of a weight of another dtype and the score's declared intermediates.
+                transient = ((p.numel() * 4 if p.dtype != torch.float32 else 0)
+                             + self.method.temporaries * 4 * score_chunk_numel(p.shape, p.device))
+                peak = max(peak, held + transient)
+                self.method.score(i, p.detach().float(), state, out, ctx)
+            if not weight_level:  # the structure folds the weights' scores into its groups' scores
+                structure.add_scores(i, out)
+                continue
+            if native:  # already keys, pruned weights lowest
+                key = out.view(-1).view(torch.int32)
+                structure.restrict_(i, key)
+            else:
+                key = self._keys_(i, out, pruned_before[i])
+                if counters is not None:
+                    count_first_histogram(key, counters)
+            keys.append(key)
+        record_peak(peak)
+        if not weight_level:
+            structure.apply(select_groups(structure.group_keys(), counts, structure.layer_rows
+                                           if counts.per_row is not None else None))
+            masks.pruned_count = structure.pruned_weights(counts.total)
+        elif counts.per_row is not None:
+            for i, (key, per_row) in enumerate(zip(keys, counts.per_row)):
+                self._store_rows(key, i, per_row)
+            masks.pruned_count = counts.total
+        elif counts.per_layer is not None:
+            for i, (key, count) in enumerate(zip(keys, counts.per_layer)):
+                if self._store([key], count, first=i):
+                    zeroed.add(i)
+            masks.pruned_count = counts.total
+        else:
+            if self._store(keys, counts.total, first=0, counted=counters):
+                zeroed.update(range(len(keys)))
+            masks.pruned_count = counts.total
 
     def _first_histogram(self) -> Counters | None:
         """Counters for the selection's first histogram, where the C passes will run it (the CPU, a large pool)."""
@@ -124,15 +143,16 @@ class UpdatePass:
             return None
         return Counters(torch.get_num_threads()) if native_selection() else None
 
-    def _set_window(self, counters: Counters, k: int, pruned_before: list[bool], ctx: ScoreContext,
-                    gradients_spent: bool) -> int:
-        """Score a sample of every weight (a few cache lines each, select.c's pass) and set the window that
-        holds the k-th key (lib/pruning/window.py) on `counters`; returns the bytes the sample held: 0 when
-        a spent gradient holds it (it is dead until this update writes its keys there). No window where a
-        weight cannot be scored by select.c (the first pass then counts the histogram as before)."""
+    def _sample_window(self, k: int, pruned_before: list[bool], ctx: ScoreContext,
+                       gradients_spent: bool) -> tuple[int, tuple[int, int] | None]:
+        """Score a sample of every weight (a few cache lines each, select.c's pass) and choose the window of
+        keys that holds the k-th (lib/pruning/window.py): (the bytes the sample held, (lo, hi) or None). The
+        sample held 0 bytes when a spent gradient holds it (it is dead until this update writes there). No
+        window where a weight cannot be scored by select.c, or a tensor is too large for its positions."""
         method, params, n = self.method, self.masks.params, self.masks.numel
-        if not isinstance(method, FunctionMethod) or n < window.WINDOW_FROM:
-            return 0
+        if not isinstance(method, FunctionMethod) or n < window.WINDOW_FROM \
+                or any(p.numel() >= 1 << 31 for p in params):
+            return 0, None
         budget = window.sample_budget(n)
         lines = [window.sample_lines(p.numel(), n, budget) for p in params]
         size = sum(runs * length for runs, _, length in lines)
@@ -144,24 +164,61 @@ class UpdatePass:
         for i, (p, (runs, stride, length)) in enumerate(zip(params, lines)):
             arguments = native_arguments(method.fn, self.optimizer.state.get(p, {}), ctx)
             if arguments is None:
-                return peak
+                return peak, None
             formula, m, v, correction = arguments
             part = sample[start:start + runs * length]
             if not sample_keys(formula, p.detach(), m, v, self.masks.bits[i] if pruned_before[i] else None,
                                runs, stride, length, part, correction):
-                return peak
+                return peak, None
             start += part.numel()
-        chosen = window.choose_window(sample, n, k)
-        if chosen is not None:
-            counters.set_window(*chosen)
-        return peak
+        return peak, window.choose_window(sample, n, k)
+
+    def _select_in_window(self, bounds: tuple[int, int], k: int, pruned_before: list[bool], ctx: ScoreContext,
+                          gradients_spent: bool, counters: Counters,
+                          borrowed: dict[int, nn.Parameter]) -> int | None:
+        """Select the k lowest keys where `bounds` holds the k-th: one select.c pass per weight writes the bits
+        of the keys below the window and keeps those inside it, each into its spent gradient (or a buffer of
+        its own); the k-th key is found among the kept ones, their bits set, and the selected weights (and
+        states, unless the step masks them) zeroed (lib/pruning/window.py). Returns the bytes of the buffers
+        it allocated; None, no bit or weight changed, where the window did not hold the k-th key or a part
+        of a buffer could not hold its window's keys (run's pass without a window then selects)."""
+        masks, method = self.masks, self.method
+        targets = [masks.zero_targets(p, self.optimizer) for p in masks.params]
+        if not all(scorable(p, *group) for p, group in zip(masks.params, targets)):
+            return None
+        lo, hi = bounds
+        parts, below, allocated = [], 0, 0
+        for i, p in enumerate(masks.params):
+            out = _spent_gradient(p) if gradients_spent else None
+            if out is None:
+                out = torch.empty(p.shape, dtype=torch.float32)
+                allocated += out.numel() * 4
+            else:
+                borrowed[id(p)] = p
+            formula, m, v, correction = native_arguments(method.fn, self.optimizer.state.get(p, {}), ctx)
+            found = score_window(formula, p.detach(), m, v, masks.bits[i] if pruned_before[i] else None,
+                                 correction, lo, hi, out.view(-1).view(torch.int32))
+            if found is None:
+                return None
+            below += found.below
+            parts.append(found)
+        threshold = window.window_threshold(parts, below, k, counters)
+        if threshold is None:
+            return None
+        offset, tie = 0, TiedKeys(threshold)
+        for i, (p, found) in enumerate(zip(masks.params, parts)):
+            found.write_bits(masks.bits[i], threshold, offset, tie)
+            offset += p.numel()
+        tie.take(0, masks.params, masks.bits, [[] for _ in masks.params])  # (zeroed with the rest, next)
+        for bits, group in zip(masks.bits, targets):
+            zero_selected(bits, group)
+        return allocated
 
     def _native_keys_(self, i: int, p: nn.Parameter, state: dict, out: torch.Tensor, any_pruned: bool,
                       ctx: ScoreContext, counters: Counters | None, keys: bool = True) -> bool:
         """Parameter i's selection keys written into `out` by one C pass (score, key, pruned weights lowest,
-        with `counters` the first histogram or the window's counts), for a score select.c has; False, nothing
-        written, otherwise. keys=False: its float scores only (for a
-        group structure)."""
+        with `counters` the first histogram), for a score select.c has; False, nothing written, otherwise.
+        keys=False: its float scores only (for a group structure)."""
         method = self.method
         if p.device.type != "cpu" or not isinstance(method, FunctionMethod) or not native_selection():
             return False  # (a GPU: bitter8's arguments would read Adam's step from the device)
@@ -203,14 +260,11 @@ class UpdatePass:
     def _store(self, keys: list[torch.Tensor], k: int, first: int, counted: Counters | None = None) -> bool:
         """Pack the selection of the k lowest `keys` into the bits of parameters first, first+1, ...
 
-        `counted`: counters holding the keys' first histogram already (or their window's counts).
+        `counted`: counters holding the keys' first histogram already.
         True if the same pass also zeroed those parameters' pruned weights and states."""
         # The old bits are no longer needed (pruned weights carry the lowest key): overwrite them
         # in place rather than holding a second copy.
-        windowed = counted is not None and counted.windowed
-        thr = window.window_threshold(counted, keys, k) if k and windowed else None
-        if thr is None and k:  # (a window that missed counted no histogram: the histograms are counted over the keys)
-            thr = kth_threshold(keys, k, first_histogram=None if windowed else counted)
+        thr = kth_threshold(keys, k, first_histogram=counted) if k else None
         first_index = sum(p.numel() for p in self.masks.params[:first])
         indices = range(first, first + len(keys))
         if thr is not None and store_selection(keys, thr, [self.masks.bits[i] for i in indices],

@@ -1,18 +1,20 @@
-"""The sampled window of the exact global selection on the CPU (select.c's window mode).
+"""The sampled window of the exact global selection on the CPU (select.c's kprune_score_window).
 
 The exact k-th key of n keys takes two 65,536-bin histogram passes over every
-key. The first histogram's increments cost about as much as scoring the
-weights. A sample of the keys tells, before they are written, a narrow window
-[lo, hi] that holds the k-th key unless the sample was very unlucky: then the
-pass that writes the keys counts the keys below lo (vector compares) and each
-of the few inside in its own bin of the histogram's counters (otherwise idle
-in window mode), and the k-th key is read off those bins, with no second pass
-over the keys (one narrowing pass where the window spans more key values than
-the counters have bins). No memory is added: the sample's keys are written
-into a spent gradient (dead until the update writes its keys there). The
-result is exact whatever the sample: when the window misses the k-th key, the
-selection counts the histograms over the written keys instead (slower, same
-answer).
+key, and the selection one more pass that reads the keys again to write the
+bits and zero the weights. A sample of the keys tells, before any is written,
+a narrow window [lo, hi] that holds the k-th key unless the sample was very
+unlucky. Then the pass that scores the weights writes no keys: each key below
+lo is selected whatever the threshold (its bit is written at once), each key
+above hi is not, and the few keys inside (0.4% for GPT-2 124M) are kept with
+their positions. The k-th key is found among the kept keys, their bits set,
+and one pass zeroes the selected weights from the bits. No memory is added:
+the bits and the kept keys go into the memory the keys would have taken (a
+spent gradient), and the sample's keys into a spent gradient before them.
+The result is exact whatever the sample: when the window misses the k-th key
+(or a part of a buffer cannot hold the keys inside), nothing has been changed
+yet, and the selection scores the keys again and counts the histograms over
+them (slower, same answer).
 
 The sample is 16 consecutive weights (one cache line) every so many weights,
 spread over every tensor in proportion to its size, scored by the same C pass.
@@ -27,7 +29,8 @@ import math
 
 import torch
 
-from lib.pruning.selection import INT32_MIN, Counters, Threshold, kth_threshold
+from lib.pruning.selection import (INT32_MIN, TIES_SETTLED_AT_MOST, Counters, Threshold, WindowFinds,
+                                   kth_threshold)
 
 WINDOW_FROM = 1 << 22  # pools from this many weights (4M) take the window; below, the histograms are cheap
 LINE = 16  # weights per sampled run: one 64-byte cache line of float32
@@ -72,13 +75,14 @@ def choose_window(sample: torch.Tensor, n: int, k: int) -> tuple[int, int] | Non
     return lo, hi
 
 
-def window_threshold(counters: Counters, keys: list[torch.Tensor], k: int) -> Threshold | None:
-    """After a first pass in window mode over `keys`: the exact threshold of the k lowest keys, read off the
-    window's bins (`keys` are read again only where the window was wider than the bins); None if the window
-    does not hold the k-th key (the caller counts the histograms instead)."""
-    below, inside = counters.window_counts()
+def window_threshold(finds: list[WindowFinds], below: int, k: int, spare: Counters) -> Threshold | None:
+    """After kprune_score_window over every tensor (`below` keys below the window, `finds` the kept ones):
+    the exact threshold of the k lowest keys, found among the kept keys (counted in `spare`, left empty);
+    None if the window does not hold the k-th key, or more tied keys than store_selection takes on would
+    have to be chosen among (the caller selects without the window then)."""
+    inside = sum(f.inside for f in finds)
     if not below < k <= below + inside:
-        counters.windowed = False
         return None
     # Every key equal to the threshold lies in the window: `equal` is the pool's count, `ties` k's share of it.
-    return counters.window_kth(keys, k - below)
+    thr = kth_threshold([t for f in finds for t in f.kept_keys()], k - below, spare=spare)
+    return None if thr.ties != thr.equal and thr.equal > TIES_SETTLED_AT_MOST else thr

@@ -31,12 +31,12 @@ def test_every_variant_of_the_update_selects_the_same_weights_and_reports_its_ra
     # Each variant ran what it names (a switch that missed its target would leave every variant the same).
     layers = 49  # bench-pruning's 12 x 4 blocks and the output layer
     assert out["paths"] == {
-        "now": {"c_scores": layers, "windows": 1, "c_stores": 1},
-        "moments_zeroed": {"c_scores": layers, "windows": 1, "c_stores": 1},
+        "now": {"c_scores": layers, "windows": 1, "c_stores": 0},  # the window's own passes set and zero
+        "moments_zeroed": {"c_scores": layers, "windows": 1, "c_stores": 0},
         "no_window": {"c_scores": layers, "windows": 0, "c_stores": 1},
-        "torch_scores": {"c_scores": 0, "windows": 1, "c_stores": 1},
-        "whole_scores": {"c_scores": 0, "windows": 1, "c_stores": 1},
-        "torch_store": {"c_scores": 0, "windows": 1, "c_stores": 0},
+        "torch_scores": {"c_scores": 0, "windows": 0, "c_stores": 1},
+        "whole_scores": {"c_scores": 0, "windows": 0, "c_stores": 1},
+        "torch_store": {"c_scores": 0, "windows": 0, "c_stores": 0},
         "before": {"c_scores": 0, "windows": 0, "c_stores": 0}}
     for name in ("now", "moments_zeroed", "no_window", "torch_scores", "whole_scores", "torch_store", "before"):
         assert out[f"{name}_s"] > 0

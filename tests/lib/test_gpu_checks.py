@@ -137,6 +137,7 @@ def test_mask_update_check_needs_the_score_memory_recorded_and_waits_not_growing
 
     def torch_scores():  # what a GPU runs (on the CPU select.c's one pass scores with no intermediates)
         monkeypatch.setattr(UpdatePass, "_native_keys_", lambda *args, **kwargs: False)
+        monkeypatch.setattr(UpdatePass, "_sample_window", lambda *args, **kwargs: (0, None))
 
     torch_scores()
     out = gpu_checks.check_mask_update_memory_and_waits(CPU, tmp_path)

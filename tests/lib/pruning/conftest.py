@@ -18,5 +18,6 @@ def _one_torch_thread():
 @pytest.fixture
 def torch_scores(monkeypatch):
     """Score with torch operations even where select.c's one C pass would (the CPU): the path a GPU
-    takes, and a machine without a C compiler."""
+    takes, and a machine without a C compiler (neither takes the sampled window, select.c's too)."""
     monkeypatch.setattr("lib.pruning.update_pass.UpdatePass._native_keys_", lambda *args, **kwargs: False)
+    monkeypatch.setattr("lib.pruning.update_pass.UpdatePass._sample_window", lambda *args, **kwargs: (0, None))

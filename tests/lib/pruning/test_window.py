@@ -1,10 +1,10 @@
-"""The sampled window of the global selection on the CPU (lib/pruning/window.py, select.c's window mode).
+"""The sampled window of the global selection on the CPU (lib/pruning/window.py, select.c's kprune_score_window).
 
-A sample of the keys picks a window [lo, hi]; the pass that writes the keys counts those below it and those
-inside, a second pass counts the keys inside in bins of their own, and the k-th key is read off those.
-Whatever the sample, the result must be the exact selection: the same masks, weights and states as the
-histogram passes give (a window that misses the k-th key falls back to them), ties broken alike; and it
-adds no memory.
+A sample of the keys picks a window [lo, hi]; the pass that scores the weights writes the bits of the keys
+below it and keeps those inside with their positions, the k-th key is found among the kept ones, and one pass
+zeroes the selected weights. Whatever the sample, the result must be the exact selection: the same masks,
+weights and states as the histogram passes give (a window that misses the k-th key, or holds more keys than
+a buffer keeps, falls back to them before anything is changed), ties broken alike; and it adds no memory.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.pruning import selection, window
+from lib.pruning import selection, update_pass, window
 from lib.pruning.methods import build_method
 from lib.pruning.pruner import Pruner
 from lib.pruning.schedules import Schedule
@@ -36,7 +36,7 @@ def _run(variant: str, use_window: bool, monkeypatch, weights=None, lr: float = 
     pruner = Pruner([(f"w{i}", p) for i, p in enumerate(params)], Schedule("linear", start=1, end=3, final=0.9),
                     method, opt)
     if not use_window:
-        monkeypatch.setattr(UpdatePass, "_set_window", lambda *args: 0)
+        monkeypatch.setattr(UpdatePass, "_sample_window", lambda *args: (0, None))
     g = torch.Generator().manual_seed(7)
     for step in (1, 2, 3):
         for p in params:
@@ -63,8 +63,8 @@ def _spy_window(monkeypatch) -> list:
     results = []
     real = window.window_threshold
 
-    def spy(counters, keys, k):
-        found = real(counters, keys, k)
+    def spy(finds, below, k, spare):
+        found = real(finds, below, k, spare)
         results.append(found)
         return found
     monkeypatch.setattr(window, "window_threshold", spy)
@@ -111,23 +111,28 @@ def test_a_window_that_misses_the_kth_key_falls_back_to_the_histograms(miss, mon
     assert all(torch.equal(a, b) for a, b in zip(windowed, histograms))
 
 
-def test_a_window_wider_than_the_counters_is_counted_in_bins_then_inside_the_kth_bin(monkeypatch):
-    # The counters have 262,208 bins a thread: a window of more key values is counted in bins of 2^shift
-    # values, then again inside the k-th key's bin; still exact.
-    real = window.choose_window
-    monkeypatch.setattr(window, "choose_window", lambda sample, n, k: (lambda lo, hi: (lo - (1 << 22), hi + (1 << 22)))(
-        *real(sample, n, k)))
+def test_a_window_holding_more_keys_than_its_buffer_keeps_falls_back_to_the_histograms(monkeypatch):
+    # Every key inside the window: no part of a buffer can keep them all (about half of it can), so each
+    # update gives up the window before it changes anything and selects with the histograms; still exact.
+    monkeypatch.setattr(window, "choose_window", lambda sample, n, k: (selection.INT32_MIN + 1, 2 ** 31 - 1))
+    overflowed, real = [], update_pass.score_window
+
+    def spy(*args):
+        found = real(*args)
+        overflowed.append(found is None)
+        return found
+    monkeypatch.setattr(update_pass, "score_window", spy)
     found = _spy_window(monkeypatch)
     windowed = _state(*_run("bitter7", True, monkeypatch))
-    assert len(found) == 2 and all(f is not None for f in found)
+    assert found == [] and overflowed == [True, True]  # each update's first tensor overflowed
     histograms = _state(*_run("bitter7", False, monkeypatch))
     assert all(torch.equal(a, b) for a, b in zip(windowed, histograms))
 
 
-@pytest.mark.parametrize("variant", ["bitter5", "bitter7"])
+@pytest.mark.parametrize("variant", ["bitter5", "bitter9"])
 def test_a_window_across_zero_is_exact(variant, monkeypatch):
-    # Signed scores (bitter5) give negative keys: a window from a negative lo to a positive hi spans less than
-    # 2**32 key values, counted in 32 bits; widened across zero here for both signs of score.
+    # Signed scores give negative keys: a window from a negative lo to a positive hi spans less than 2**32 key
+    # values, tested in 32 bits; widened across zero here.
     real = window.choose_window
     monkeypatch.setattr(window, "choose_window", lambda sample, n, k: (lambda lo, hi: (min(lo, 0) - (1 << 20), max(
         hi, 0) + (1 << 20)))(*real(sample, n, k)))
