@@ -180,8 +180,9 @@ class UpdatePass:
         of the keys below the window and keeps those inside it, each into its spent gradient (or a buffer of
         its own); the k-th key is found among the kept ones, their bits set, and the selected weights (and
         states, unless the step masks them) zeroed (lib/pruning/window.py). Returns the bytes of the buffers
-        it allocated; None, no bit or weight changed, where the window did not hold the k-th key or a part
-        of a buffer could not hold its window's keys (run's pass without a window then selects)."""
+        it allocated; None, no bit or weight changed, where the window did not hold the k-th key, a part of
+        a buffer could not keep its window's keys, too many tied keys were to be chosen among, or a tensor
+        to zero is not one select.c takes (run's pass without a window then selects)."""
         masks, method = self.masks, self.method
         targets = [masks.zero_targets(p, self.optimizer) for p in masks.params]
         if not all(scorable(p, *group) for p, group in zip(masks.params, targets)):
