@@ -350,7 +350,7 @@ static void *score_window(void *arg)
     uint8_t *bits = (uint8_t *)(a->buffer + a->begin);
     int32_t *keys = a->buffer + first, *where = a->buffer + first + cap;
     int32_t k[SCORE_BLOCK];         /* one block's keys, in L1 */
-    for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
+    for (int64_t b0 = a->begin; b0 < a->end && kept >= 0; b0 += SCORE_BLOCK) {  /* (an overflow ends the part) */
         int64_t len = (b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end) - b0;
         score_range(a->formula, a->w + b0, a->m != NULL ? a->m + b0 : NULL, a->v != NULL ? a->v + b0 : NULL, k,
                     0, len, a->correction, 0);

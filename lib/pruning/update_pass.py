@@ -148,9 +148,10 @@ class UpdatePass:
         """Score a sample of every weight (a few cache lines each, select.c's pass) and choose the window of
         keys that holds the k-th (lib/pruning/window.py): (the bytes the sample held, (lo, hi) or None). The
         sample held 0 bytes when a spent gradient holds it (it is dead until this update writes there). No
-        window where a weight cannot be scored by select.c, or a tensor is too large for its positions."""
+        window where a weight cannot be scored by select.c, a tensor is too large for its int32 positions or
+        the pool for the tie order's 32-bit indices (iter_selection then says so)."""
         method, params, n = self.method, self.masks.params, self.masks.numel
-        if not isinstance(method, FunctionMethod) or n < window.WINDOW_FROM \
+        if not isinstance(method, FunctionMethod) or not window.WINDOW_FROM <= n <= 1 << 32 \
                 or any(p.numel() >= 1 << 31 for p in params):
             return 0, None
         budget = window.sample_budget(n)
