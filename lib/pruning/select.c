@@ -255,6 +255,31 @@ static inline void score_range(int formula, const float *restrict w, const float
     }
 }
 
+/* Pruned stays pruned: k[0..len), the keys of weights first.., become the lowest key where the bit is set. */
+static inline void lowest_where_pruned(int32_t *restrict k, const uint8_t *restrict pruned, int64_t first, int64_t len)
+{
+    for (int64_t i = 0; i < len; i++)
+        k[i] = (pruned[(first + i) >> 3] >> ((first + i) & 7)) & 1 ? INT32_MIN : k[i];
+}
+
+/* The byte of bits (least significant first) of which of k[0..count) (count <= 8) are <= thr. */
+static inline __attribute__((always_inline)) uint8_t byte_at_most(const int32_t *restrict k, int count, int32_t thr)
+{
+    uint8_t byte = 0;
+    for (int j = 0; j < count; j++)
+        byte |= (uint8_t)((k[j] <= thr) << j);
+    return byte;
+}
+
+/* A key equal to the tie at `position`: its position into tied (room for tied_max), counted in *tied_count
+ * (atomically: threads share it), also past the room. */
+static inline void note_tied(int64_t position, int64_t *tied, int64_t tied_max, int64_t *tied_count)
+{
+    int64_t slot = __atomic_fetch_add(tied_count, 1, __ATOMIC_RELAXED);
+    if (slot < tied_max)
+        tied[slot] = position;
+}
+
 static void *score_keys(void *arg)
 {
     const score_work *a = arg;
@@ -262,9 +287,8 @@ static void *score_keys(void *arg)
     for (int64_t b0 = a->begin; b0 < a->end; b0 += SCORE_BLOCK) {
         int64_t b1 = b0 + SCORE_BLOCK < a->end ? b0 + SCORE_BLOCK : a->end;
         score_range(a->formula, a->w, a->m, a->v, k, b0, b1, a->correction, a->raw);
-        if (a->pruned != NULL)      /* pruned stays pruned: the lowest key */
-            for (int64_t i = b0; i < b1; i++)
-                k[i] = (a->pruned[i >> 3] >> (i & 7)) & 1 ? INT32_MIN : k[i];
+        if (a->pruned != NULL)
+            lowest_where_pruned(k + b0, a->pruned, b0, b1 - b0);
         if (a->sub != NULL)
             count_high(a->sub, k, b0, b1);
     }
@@ -312,9 +336,7 @@ int kprune_sample_keys(int formula, const float *w, const float *m, const float 
         score_range(formula, w + base, m != NULL ? m + base : NULL, v != NULL ? v + base : NULL, k, 0, len,
                     correction, 0);
         if (pruned != NULL)
-            for (int64_t i = 0; i < len; i++)
-                if ((pruned[(base + i) >> 3] >> ((base + i) & 7)) & 1)
-                    k[i] = INT32_MIN;
+            lowest_where_pruned(k, pruned, base, len);
     }
     return 0;
 }
@@ -355,25 +377,14 @@ static void *score_window(void *arg)
         score_range(a->formula, a->w + b0, a->m != NULL ? a->m + b0 : NULL, a->v != NULL ? a->v + b0 : NULL, k,
                     0, len, a->correction, 0);
         if (a->pruned != NULL)
-            for (int64_t i = 0; i < len; i++)
-                k[i] = (a->pruned[(b0 + i) >> 3] >> ((b0 + i) & 7)) & 1 ? INT32_MIN : k[i];
-        int64_t i = 0;
-        for (; i + 8 <= len; i += 8) {
-            uint8_t byte = 0;
-            for (int j = 0; j < 8; j++)
-                byte |= (uint8_t)((k[i + j] < lo) << j);
-            bits[(b0 - a->begin + i) >> 3] = byte;
-            below += __builtin_popcount(byte);
-        }
-        if (i < len) {              /* the tensor's last, partial byte */
-            uint8_t byte = 0;
-            for (int j = 0; i + j < len; j++)
-                byte |= (uint8_t)((k[i + j] < lo) << j);
+            lowest_where_pruned(k, a->pruned, b0, len);
+        for (int64_t i = 0; i < len; i += 8) {  /* (the tensor's last byte may be partial) */
+            uint8_t byte = len - i >= 8 ? byte_at_most(k + i, 8, lo - 1) : byte_at_most(k + i, (int)(len - i), lo - 1);
             bits[(b0 - a->begin + i) >> 3] = byte;
             below += __builtin_popcount(byte);
         }
         /* Few keys lie in the window: a group without one is skipped after one vectorised test. */
-        for (i = 0; i < len && kept >= 0; i += GROUP) {
+        for (int64_t i = 0; i < len && kept >= 0; i += GROUP) {
             int64_t end = i + GROUP < len ? i + GROUP : len;
             int hit = 0;
             for (int64_t j = i; j < end; j++)
@@ -428,11 +439,8 @@ void kprune_window_set(uint8_t *bits, const int32_t *keys, const int32_t *where,
         int32_t key = keys[j], i = where[j];
         if (key < threshold || (all_equal && key == threshold))
             bits[i >> 3] |= (uint8_t)(1u << (i & 7));
-        else if (!all_equal && key == threshold) {
-            if (*tied_count < tied_max)
-                tied[*tied_count] = offset + i;
-            ++*tied_count;
-        }
+        else if (!all_equal && key == threshold)
+            note_tied(offset + i, tied, tied_max, tied_count);
     }
 }
 
@@ -502,12 +510,8 @@ static void *select_store(void *arg)
     const int32_t thr = w->threshold, tie = w->tie;
     for (int64_t b0 = w->begin; b0 < w->end; b0 += BLOCK) {
         int64_t b1 = b0 + BLOCK < w->end ? b0 + BLOCK : w->end;
-        for (int64_t i = b0; i < b1; i += 8) {
-            uint8_t byte = 0;
-            for (int j = 0; j < 8 && i + j < w->n; j++)
-                byte |= (uint8_t)((k[i + j] <= thr) << j);
-            w->bits[i / 8] = byte;
-        }
+        for (int64_t i = b0; i < b1; i += 8)
+            w->bits[i / 8] = byte_at_most(k + i, w->n - i < 8 ? (int)(w->n - i) : 8, thr);
         for (int t = 0; t < w->ntargets; t++) {
             float *restrict x = w->targets[t];
             for (int64_t i = b0; i < b1; i++)
@@ -524,18 +528,12 @@ static void *select_store(void *arg)
                 hit |= k[i + j] == tie;
             if (hit)
                 for (int j = 0; j < GROUP; j++)
-                    if (k[i + j] == tie) {
-                        int64_t slot = __atomic_fetch_add(w->tied_count, 1, __ATOMIC_RELAXED);
-                        if (slot < w->tied_max)
-                            w->tied[slot] = w->offset + i + j;
-                    }
+                    if (k[i + j] == tie)
+                        note_tied(w->offset + i + j, w->tied, w->tied_max, w->tied_count);
         }
         for (; i < b1; i++)
-            if (k[i] == tie) {
-                int64_t slot = __atomic_fetch_add(w->tied_count, 1, __ATOMIC_RELAXED);
-                if (slot < w->tied_max)
-                    w->tied[slot] = w->offset + i;
-            }
+            if (k[i] == tie)
+                note_tied(w->offset + i, w->tied, w->tied_max, w->tied_count);
     }
     return NULL;
 }
