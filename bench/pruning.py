@@ -69,8 +69,6 @@ ratio of two best-of times moved with whichever arm had the luckier round.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import sys
 import time
 
@@ -79,7 +77,7 @@ from torch import nn
 
 from bench.knobs import KnobError, choice_knob, knob
 from bench.output import emit
-from lib.device import keep_freed_memory
+from lib.device import keep_freed_memory, release_free_memory
 from lib.errors import KpruneError
 from lib.grad_clip import clipped_step
 from lib.optim import OPTIMIZERS
@@ -157,15 +155,6 @@ def median_round(times: list[list[float]], ratio) -> list[float]:
     return sorted(times, key=lambda arms: ratio(*arms))[len(times) // 2]
 
 
-def _release_free_memory() -> None:
-    """Give the free pages of the C heap back to the OS (glibc's malloc_trim; elsewhere nothing)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def restorer(params: list[nn.Parameter], optimizer: torch.optim.Optimizer):
     """A function that puts the weights and their optimizer states (those of their shape) back as they are now."""
     saved = [(p.detach().clone(), {name: t.clone() for name, t in optimizer.state[p].items()
@@ -239,7 +228,7 @@ def main() -> int:
         restore()
         backward()
         if measure_memory:
-            _release_free_memory()
+            release_free_memory()
         rss_before = _status_bytes("VmRSS")
         measured_peak = _reset_high_water()
         t0 = time.perf_counter()

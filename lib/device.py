@@ -48,16 +48,30 @@ def keep_freed_memory() -> bool:
     process so standalone trainer runs get it too. Returns False where the C
     library is not glibc (nothing changes there).
     """
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h> constants
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of glibc's heap back to the OS (malloc_trim), which keep_freed_memory keeps
+    resident: what a measurement of the resident set needs before it can see new allocations. False where
+    the C library is not glibc."""
+    malloc_trim = _glibc_function("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc_function(name: str):
+    """The C library's function `name`, or None where it has none (not glibc)."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h> constants
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+        return None
 
 
 def configure_backends(s, device: torch.device) -> None:
